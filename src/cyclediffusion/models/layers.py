@@ -1,0 +1,179 @@
+"""Building blocks shared by the networks: time embedding, attention, feed-forward, ResBlocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) times in the model's time units (0..1000), as (B, dim).
+
+    Flow-matching times in [0, 1] must be scaled to [0, 1000] by the noise process before they
+    reach here: fed raw, they would use only the slowest frequencies of a 10000-period embedding.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the time followed by a two-layer MLP."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.frequency_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with ``min(groups, channels)`` groups (tiny test models have few channels)."""
+    groups = math.gcd(min(groups, channels), channels)
+    return nn.GroupNorm(groups, channels, eps=eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over token sequences through ``F.scaled_dot_product_attention``.
+
+    Self-attention when ``context`` is None, cross-attention otherwise (keys and values from
+    ``context``, which may have ``context_dim`` features).
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """``x``: (B, N, dim); ``context``: (B, M, context_dim); ``mask``: (B, M) bool, True = attend."""
+        b, n, _ = x.shape
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (z.view(b, -1, self.heads, z.shape[-1] // self.heads).transpose(1, 2) for z in (q, k, v))
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (as in Stable Diffusion's transformer blocks)."""
+
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
+        super().__init__()
+        inner = int(dim * mult)
+        self.proj_in = nn.Linear(dim, inner * 2)
+        self.proj_out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(h * F.gelu(gate))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP (transformer blocks of the text encoder and the DiT)."""
+
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
+        super().__init__()
+        inner = int(dim * mult)
+        self.fc1 = nn.Linear(dim, inner)
+        self.fc2 = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv residual block, with an optional additive time embedding."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int | None = None,
+        groups: int = 32,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
+        self.norm2 = group_norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is not None and emb is not None:
+            h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution halving the resolution."""
+
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map (VAE mid block)."""
+
+    def __init__(self, channels: int, groups: int = 32) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.attn = Attention(channels, heads=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        return x + self.attn(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+def expand_timesteps(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """Times as a (batch,) tensor on ``device``: a number, 0-d or one-element tensor is broadcast."""
+    t = torch.as_tensor(t, device=device)
+    if t.numel() == 1:
+        t = t.reshape(1).expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"expected {batch} times or a scalar, got shape {tuple(t.shape)}")
+    return t
