@@ -137,6 +137,8 @@ class Configurable:
             if name not in REGISTRY or not issubclass(REGISTRY[name], cls):
                 raise ValueError(f"{directory} holds a {name}, not a {cls.__name__}")
             target = REGISTRY[name]
+        if target is not cls:  # the subclass may store more than config + weights (tokenizer.json)
+            return target.from_pretrained(directory, device=device)  # type: ignore[return-value]
         obj = target.from_config(data)
         if isinstance(obj, torch.nn.Module):
             weights = directory / WEIGHTS_NAME

@@ -115,15 +115,19 @@ class FlowMatching(Configurable):
         model_fn: ModelFn,
         noise: torch.Tensor,
         num_inference_steps: int = 50,
-        sampler: str = "euler",
+        sampler: str | None = None,
+        eta: float = 0.0,
         generator: Generator = None,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Integrate the ODE from noise (t = 1) to data (t = 0) with Euler or Heun steps.
+        """Integrate the ODE from noise (t = 1) to data (t = 0) with ``euler`` (default) or ``heun`` steps.
 
         Heun uses two network calls per step except the last (to t = 0), which is an Euler step.
-        ``generator`` is accepted for interface symmetry; these samplers are deterministic.
+        These samplers are deterministic: ``eta`` must be 0 and ``generator`` is unused.
         """
+        sampler = sampler or "euler"
+        if eta != 0:
+            raise ValueError(f"eta={eta}: the flow samplers (euler, heun) are deterministic; eta must be 0")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for flow matching; choose from {SAMPLERS}")
         x = noise

@@ -242,13 +242,14 @@ class GaussianDiffusion(Configurable):
         model_fn: ModelFn,
         noise: torch.Tensor,
         num_inference_steps: int = 50,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         eta: float = 0.0,
         spacing: str | None = None,
         generator: Generator = None,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Draw ``x0`` from pure noise: ``ddim`` (given eta) or ``ddpm`` (ancestral, eta = 1)."""
+        """Draw ``x0`` from pure noise: ``ddim`` (default; given eta) or ``ddpm`` (ancestral, eta = 1)."""
+        sampler = sampler or "ddim"
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for Gaussian diffusion; choose from {SAMPLERS}")
         if not 0.0 <= eta <= 1.0:

@@ -1,0 +1,22 @@
+"""The networks. Modules only: nothing here knows how it is trained or noised."""
+
+from __future__ import annotations
+
+from .dit import DIT_SIZES, DiT, DiTConfig
+from .text_encoder import TextEncoder, TextEncoderConfig, TextEncoderOutput
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+
+__all__ = [
+    "DIT_SIZES",
+    "AutoencoderKL",
+    "DiT",
+    "DiTConfig",
+    "DiagonalGaussian",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "TextEncoderOutput",
+    "UNet",
+    "UNetConfig",
+    "VAEConfig",
+]

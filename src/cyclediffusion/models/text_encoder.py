@@ -1,0 +1,116 @@
+"""CLIP-style text encoder: causal pre-LN transformer over token ids, token states plus a pooled state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import Configurable
+from .layers import Attention, Mlp
+
+
+@dataclass
+class TextEncoderConfig:
+    """Sizes of :class:`TextEncoder`; ``eos_token_id`` marks where the pooled state is read."""
+
+    vocab_size: int = 1024
+    max_length: int = 77
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    projection_dim: int | None = None
+
+
+@dataclass
+class TextEncoderOutput:
+    """``hidden_states``: (B, L, width) after the final norm; ``pooled``: (B, pooled_dim)."""
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor
+
+
+class TextEncoderBlock(nn.Module):
+    """Pre-LN transformer block with causal self-attention."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, bias=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=True)
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEncoder(nn.Module, Configurable):
+    """Token + learned position embeddings, causal transformer blocks, final LayerNorm.
+
+    The pooled state is the final state at each row's first ``eos_token_id`` (the last position
+    when a row has none), optionally projected to ``projection_dim``. Because attention is causal,
+    nothing after that eos (padding included) changes the pooled state or any earlier token state.
+    """
+
+    config_class = TextEncoderConfig
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Parameter(torch.zeros(config.max_length, config.width))
+        self.blocks = nn.ModuleList(
+            TextEncoderBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.layers)
+        )
+        self.final_norm = nn.LayerNorm(config.width)
+        self.projection = (
+            nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None
+        )
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Normal(0, 0.02) embeddings and linear weights, zero biases, identity LayerNorms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.position_embedding, std=0.01)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the per-token states (the cross-attention context dimension)."""
+        return self.config.width
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled state."""
+        return self.config.projection_dim or self.config.width
+
+    def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) index of each row's first eos, or the last position for rows without one."""
+        is_eos = input_ids == self.config.eos_token_id
+        first = is_eos.int().argmax(dim=1)  # argmax returns the first maximal index
+        last = torch.full_like(first, input_ids.shape[1] - 1)
+        return torch.where(is_eos.any(dim=1), first, last)
+
+    def forward(self, input_ids: torch.Tensor) -> TextEncoderOutput:
+        """Encode (B, L) token ids, L <= max_length."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if length > self.config.max_length:
+            raise ValueError(f"sequence length {length} exceeds max_length {self.config.max_length}")
+        x = self.token_embedding(input_ids) + self.position_embedding[:length]
+        for block in self.blocks:
+            x = block(x)
+        hidden = self.final_norm(x)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.eos_positions(input_ids)]
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return TextEncoderOutput(hidden_states=hidden, pooled=pooled)

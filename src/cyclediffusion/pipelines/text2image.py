@@ -1,0 +1,117 @@
+"""Text-to-image generation: prompt -> text states -> sampler over latents -> VAE decoder -> images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..diffusion.base import Generator, randn
+from .base import DiffusionPipeline, ImagePipelineOutput, as_list
+
+
+class Text2ImagePipeline(DiffusionPipeline):
+    """``Text2ImagePipeline(tokenizer, text_encoder, vae, denoiser, noise_process)``.
+
+    ``vae=None`` means the denoiser works on pixels. Works for any noise process of
+    :mod:`cyclediffusion.diffusion` and any denoiser with the ``(x, t, context, pooled)`` interface.
+    """
+
+    def __init__(self, tokenizer, text_encoder, vae, denoiser, noise_process) -> None:  # noqa: D107
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            denoiser=denoiser,
+            noise_process=noise_process,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        output_type: str = "pil",
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        sampler: str | None = None,
+        eta: float = 0.0,
+    ) -> ImagePipelineOutput:
+        """Generate images for ``prompt``.
+
+        Args:
+            prompt: one prompt or a list; each gives ``num_images_per_prompt`` images.
+            negative_prompt: what guidance steers away from (default: the empty prompt that the
+                model saw when its caption was dropped in training).
+            num_inference_steps: sampler steps.
+            guidance_scale: classifier-free guidance weight ``w``; 1 disables guidance.
+            generator: a generator, or one per image, for the starting noise and sampler noise.
+            output_type: ``pil``, ``np`` (B, H, W, 3), ``pt`` (B, 3, H, W) in [0, 1], or ``latent``.
+            callback: ``callback(step, timestep, latents)`` every ``callback_steps`` steps.
+            height, width: image size in pixels (default: the denoiser's training size).
+            latents: starting noise, to reuse instead of drawing it.
+            sampler: ``ddim`` (default) or ``ddpm`` for Gaussian diffusion; ``euler`` (default) or
+                ``heun`` for flow matching.
+            eta: DDIM's stochasticity in [0, 1] (Gaussian diffusion only).
+        """
+        prompts = as_list(prompt, "prompt")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
+        batch = len(prompts) * num_images_per_prompt
+
+        cond = self.encode_prompt(prompts).repeat(num_images_per_prompt)
+        uncond = None
+        if guidance_scale != 1.0:
+            negatives = (
+                [""] * len(prompts)
+                if negative_prompt is None
+                else as_list(negative_prompt, "negative_prompt")
+            )
+            if len(negatives) == 1 and len(prompts) > 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+            uncond = self.encode_prompt(negatives).repeat(num_images_per_prompt)
+        model_fn = self.guided_model_fn(cond, uncond, guidance_scale)
+
+        if latents is None:
+            latents = randn(self.latent_shape(batch, height, width), generator, self.device)
+        elif latents.shape[0] != batch:
+            raise ValueError(f"latents hold {latents.shape[0]} samples, expected {batch}")
+        latents = latents.to(self.device, torch.float32)
+
+        step_callback = None
+        if callback is not None:
+
+            def step_callback(i: int, t: torch.Tensor, x: torch.Tensor) -> None:
+                if i % callback_steps == 0:
+                    callback(i, t, x)
+
+        x0 = self.noise_process.sample(
+            model_fn,
+            latents,
+            num_inference_steps,
+            sampler=sampler,
+            eta=eta,
+            generator=generator,
+            callback=step_callback,
+        )
+        return self.postprocess(x0, output_type)
+
+    def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
+        """(B, C, h, w) of the starting noise for images of ``height`` x ``width`` pixels."""
+        factor = self.latent_factor
+        default = self.denoiser.config.sample_size * factor
+        height, width = height or default, width or default
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        return (batch, self.denoiser.config.in_channels, height // factor, width // factor)

@@ -1,0 +1,119 @@
+"""Tiny components and data for tests: everything is built from configs, nothing is downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+from cyclediffusion import (
+    AutoencoderKL,
+    DiT,
+    DiTConfig,
+    Text2ImagePipeline,
+    TextEncoder,
+    TextEncoderConfig,
+    Tokenizer,
+    UNet,
+    UNetConfig,
+    VAEConfig,
+    create_noise_process,
+)
+
+CAPTIONS = [
+    "a red square",
+    "a blue circle",
+    "a small green triangle on the left",
+    "two yellow circles",
+    "a purple square above a blue circle",
+]
+
+# Colours of the two-caption overfitting world.
+RED = (1.0, -1.0, -1.0)
+BLUE = (-1.0, -1.0, 1.0)
+
+
+def tiny_tokenizer(max_length: int = 12) -> Tokenizer:
+    return Tokenizer.train(CAPTIONS * 3, vocab_size=300, max_length=max_length)
+
+
+def tiny_text_encoder(tokenizer: Tokenizer, width: int = 32) -> TextEncoder:
+    return TextEncoder(
+        TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            max_length=tokenizer.max_length,
+            width=width,
+            layers=2,
+            heads=2,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def tiny_denoiser(backbone: str, channels: int, size: int, context_dim: int = 32) -> UNet | DiT:
+    if backbone == "unet":
+        return UNet(
+            UNetConfig(
+                in_channels=channels,
+                out_channels=channels,
+                sample_size=size,
+                block_channels=(32, 64),
+                layers_per_block=1,
+                attention_levels=(False, True),
+                head_dim=16,
+                context_dim=context_dim,
+                pooled_dim=context_dim,
+                norm_groups=8,
+            )
+        )
+    return DiT(
+        DiTConfig(
+            sample_size=size,
+            patch_size=2,
+            in_channels=channels,
+            out_channels=channels,
+            hidden_size=64,
+            depth=3,
+            num_heads=4,
+            context_dim=context_dim,
+            pooled_dim=context_dim,
+        )
+    )
+
+
+def tiny_vae(downsample: int = 4) -> AutoencoderKL:
+    levels = {2: (16, 32), 4: (16, 32, 32), 8: (16, 32, 32, 32)}[downsample]
+    return AutoencoderKL(VAEConfig(block_channels=levels, layers_per_block=1, norm_groups=8))
+
+
+def tiny_pipeline(
+    backbone: str = "unet", process: str = "ddpm", vae: bool = False, size: int = 16, **process_options
+) -> Text2ImagePipeline:
+    tokenizer = tiny_tokenizer()
+    autoencoder = tiny_vae() if vae else None
+    channels, latent_size = (4, size // autoencoder.downsample_factor) if autoencoder else (3, size)
+    return Text2ImagePipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_text_encoder(tokenizer),
+        vae=autoencoder,
+        denoiser=tiny_denoiser(backbone, channels, latent_size),
+        noise_process=create_noise_process(process, **process_options),
+    ).eval()
+
+
+def two_caption_world(size: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """8 images in [-1, 1]: 4 red squares and 4 blue discs at different places, with their captions."""
+    images, captions = [], []
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    offsets = [(4, 4), (4, 11), (11, 4), (11, 11)]
+    for colour, caption, shape in ((RED, "a red square", "square"), (BLUE, "a blue circle", "circle")):
+        for cy, cx in offsets:
+            if shape == "square":
+                mask = ((yy - cy).abs() <= 3) & ((xx - cx).abs() <= 3)
+            else:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= 12
+            image = torch.full((3, size, size), -0.2)
+            for c in range(3):
+                image[c][mask] = colour[c]
+            images.append(image)
+            captions.append(caption)
+    return torch.stack(images), captions

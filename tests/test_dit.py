@@ -1,0 +1,153 @@
+"""The text-conditioned DiT: adaLN-Zero init, shapes, conditioning, masking, storage, named sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cyclediffusion.models.dit import DIT_SIZES, DiT, DiTConfig, sincos_pos_embed_2d
+
+CONTEXT_DIM, POOLED_DIM, TOKENS = 16, 12, 5
+
+
+def tiny_dit(seed: int = 0, randomise: bool = True, **overrides) -> DiT:
+    """A two-block DiT; with ``randomise`` its zero-initialised layers get random values."""
+    torch.manual_seed(seed)
+    config = dict(sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=CONTEXT_DIM)
+    model = DiT(DiTConfig(**{**config, **overrides}))
+    if randomise:
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(std=0.1)
+    return model.eval()
+
+
+def inputs(batch: int, size: tuple[int, int] = (8, 8), seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, *size, generator=g)
+    t = torch.rand(batch, generator=g) * 1000
+    context = torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g)
+    pooled = torch.randn(batch, POOLED_DIM, generator=g)
+    return x, t, context, pooled
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_output_shape_and_dtype(batch: int) -> None:
+    model = tiny_dit()
+    x, t, context, _ = inputs(batch)
+    out = model(x, t, context)
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
+def test_other_resolution_and_scalar_time() -> None:
+    model = tiny_dit(patch_size=4, out_channels=3)
+    x, _, context, _ = inputs(2, size=(16, 12))
+    out = model(x, 250.0, context)
+    assert out.shape == (2, 3, 16, 12)
+    assert torch.allclose(out, model(x, torch.tensor([250.0, 250.0]), context))
+    with pytest.raises(ValueError, match="patch size"):
+        model(torch.randn(1, 4, 10, 8), 1.0, context[:1])
+
+
+def test_position_embedding() -> None:
+    model = tiny_dit()
+    assert "pos_embed" not in model.state_dict()
+    assert torch.equal(model.position_embedding(4, 4, torch.device("cpu")), sincos_pos_embed_2d(32, 4, 4))
+    pos = sincos_pos_embed_2d(32, 3, 5)
+    assert pos.shape == (15, 32) and torch.unique(pos, dim=0).shape[0] == 15
+
+
+def test_unpatchify_inverts_patch_layout() -> None:
+    model = tiny_dit(in_channels=3, out_channels=3)
+    images = torch.randn(2, 3, 8, 12)
+    p = model.config.patch_size
+    tokens = images.reshape(2, 3, 4, p, 6, p).permute(0, 2, 4, 3, 5, 1).reshape(2, 24, p * p * 3)
+    assert torch.equal(model.unpatchify(tokens, 4, 6), images)
+
+
+def test_zero_at_init_then_learns() -> None:
+    model = tiny_dit(randomise=False, pooled_dim=POOLED_DIM).train()
+    x, t, context, pooled = inputs(2)
+    out = model(x, t, context, pooled)
+    assert torch.equal(out, torch.zeros_like(out))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    (out - x).square().mean().backward()
+    optimizer.step()
+    assert model(x, t, context, pooled).abs().sum() > 0
+
+
+def test_bfloat16() -> None:
+    model = tiny_dit()
+    x, t, context, _ = inputs(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, context)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    model = model.to(torch.bfloat16)
+    out = model(torch.randn(1, 4, 12, 8, dtype=torch.bfloat16), t[:1], context[:1].bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_depends_on_context_time_and_pooled() -> None:
+    model = tiny_dit(pooled_dim=POOLED_DIM)
+    x, t, context, pooled = inputs(2)
+    with torch.no_grad():
+        out = model(x, t, context, pooled)
+        assert not torch.allclose(out, model(x, t, torch.randn_like(context), pooled))
+        assert not torch.allclose(out, model(x, t + 100, context, pooled))
+        assert not torch.allclose(out, model(x, t, context, torch.randn_like(pooled)))
+    with pytest.raises(ValueError, match="pooled"):
+        model(x, t, context)
+
+
+def test_batch_independence() -> None:
+    model = tiny_dit(pooled_dim=POOLED_DIM)
+    x, t, context, pooled = inputs(3)
+    with torch.no_grad():
+        full = model(x, t, context, pooled)
+        for i in range(3):
+            one = model(x[i : i + 1], t[i : i + 1], context[i : i + 1], pooled[i : i + 1])
+            assert torch.allclose(full[i : i + 1], one, atol=1e-5)
+
+
+def test_context_mask() -> None:
+    model = tiny_dit()
+    x, t, context, _ = inputs(2)
+    mask = torch.ones(2, TOKENS, dtype=torch.bool)
+    mask[:, 3] = False
+    changed = context.clone()
+    changed[:, 3] = torch.randn(2, CONTEXT_DIM) * 10
+    with torch.no_grad():
+        out = model(x, t, context, context_mask=mask)
+        assert torch.allclose(out, model(x, t, changed, context_mask=mask), atol=1e-6)
+        assert not torch.allclose(out, model(x, t, changed))
+
+
+def test_save_and_load(tmp_path) -> None:
+    model = tiny_dit(pooled_dim=POOLED_DIM)
+    model.save_pretrained(tmp_path / "dit")
+    loaded = DiT.from_pretrained(tmp_path / "dit")
+    assert loaded.config == model.config
+    x, t, context, pooled = inputs(2)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, context, pooled), loaded(x, t, context, pooled))
+
+
+def test_every_parameter_gets_gradient() -> None:
+    model = tiny_dit(pooled_dim=POOLED_DIM).train()
+    x, t, context, pooled = inputs(2)
+    model(x, t, context, pooled).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+def test_named_sizes() -> None:
+    assert {"DiT-S/2", "DiT-S/4", "DiT-B/2", "DiT-B/4", "DiT-L/2", "DiT-L/4"} <= set(DIT_SIZES)
+    model = DiT.from_name("DiT-S/2", sample_size=16, context_dim=CONTEXT_DIM, pooled_dim=POOLED_DIM)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch_size) == (384, 12, 6, 2)
+    assert (cfg.sample_size, cfg.context_dim, cfg.pooled_dim) == (16, CONTEXT_DIM, POOLED_DIM)
+    assert len(model.blocks) == 12 and model.pos_embed.shape == (64, 384)
+    assert DIT_SIZES["DiT-L/4"] == dict(hidden_size=1024, depth=24, num_heads=16, patch_size=4)
+    with pytest.raises(ValueError, match="DiT-S/2"):
+        DiT.from_name("DiT-M/2")
