@@ -53,7 +53,7 @@ def test_perfect_velocity_has_zero_loss():
 @pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
 def test_time_sampling_distributions(sampling):
     flow = FlowMatching(FlowConfig(time_sampling=sampling))
-    t = flow.sample_times(20000, "cpu", torch.Generator().manual_seed(0))
+    t = flow.sample_timesteps(20000, "cpu", torch.Generator().manual_seed(0))
     assert t.min() > 0 and t.max() < 1
     if sampling == "uniform":
         assert abs(t.mean() - 0.5) < 0.01 and abs(t.std() - (1 / 12) ** 0.5) < 0.01

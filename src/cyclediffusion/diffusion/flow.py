@@ -71,7 +71,7 @@ class FlowMatching(Configurable):
         t = broadcast(expand_time(t, x_t.shape[0], x_t.device, torch.float32), x_t)
         return x_t - t * velocity, x_t + (1 - t) * velocity
 
-    def sample_times(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None):
+    def sample_timesteps(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None):
         """Training times in (0, 1): uniform or logit-normal."""
         gen_device = generator.device if generator is not None else "cpu"
         if self.config.time_sampling == "uniform":
@@ -91,7 +91,7 @@ class FlowMatching(Configurable):
     ) -> TrainingLoss:
         """Regress the velocity at random points of the path (per-sample MSE)."""
         if t is None:
-            t = self.sample_times(x0.shape[0], x0.device, generator)
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = randn(x0.shape, generator, x0.device, x0.dtype)
         prediction = model_fn(self.add_noise(x0, noise, t), self.model_time(t))

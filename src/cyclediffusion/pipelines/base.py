@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ..diffusion.base import ModelFn
+from ..images import numpy_to_pil
 from .storage import load_components, save_components
 
 P = TypeVar("P", bound="DiffusionPipeline")
@@ -105,9 +106,7 @@ class DiffusionPipeline:
         out = self.text_encoder(ids)
         return PromptEmbeds(out.hidden_states, out.pooled)
 
-    def guided_model_fn(
-        self, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance_scale: float
-    ) -> ModelFn:
+    def guided_model_fn(self, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance_scale: float) -> ModelFn:
         """``model_fn(x_t, t)`` for the noise process, with classifier-free guidance in one batched call.
 
         With ``uncond`` given and ``guidance_scale != 1`` the prediction is
@@ -149,9 +148,7 @@ class DiffusionPipeline:
         return self.vae.decode_latents(latents.to(dtype)).float()
 
     @torch.no_grad()
-    def pixels_to_latents(
-        self, pixels: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def pixels_to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Encode images in [-1, 1] to scaled latents (posterior sample), or pass pixels through."""
         if self.vae is None:
             return pixels.float()
@@ -171,17 +168,3 @@ class DiffusionPipeline:
         if output_type == "np":
             return ImagePipelineOutput(array)
         return ImagePipelineOutput(numpy_to_pil(array))
-
-
-def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """(B, H, W, C) floats in [0, 1] to PIL images."""
-    images = (images * 255).round().astype(np.uint8)
-    if images.shape[-1] == 1:
-        return [Image.fromarray(im[..., 0], mode="L") for im in images]
-    return [Image.fromarray(im) for im in images]
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a (3, H, W) tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

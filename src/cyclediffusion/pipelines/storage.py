@@ -41,17 +41,13 @@ def save_components(directory: str | Path, pipeline_class: str, components: dict
             index[name] = None
             continue
         if not isinstance(component, Configurable):
-            raise TypeError(
-                f"component {name!r} ({type(component).__name__}) cannot be saved: not Configurable"
-            )
+            raise TypeError(f"component {name!r} ({type(component).__name__}) cannot be saved: not Configurable")
         component.save_pretrained(directory / name)
         index[name] = type(component).__name__
     write_json(directory / INDEX_NAME, index)
 
 
-def load_components(
-    directory: str | Path, device: str | torch.device | None = None
-) -> tuple[str, dict[str, Any]]:
+def load_components(directory: str | Path, device: str | torch.device | None = None) -> tuple[str, dict[str, Any]]:
     """Read a folder written by :func:`save_components`: (pipeline class name, components)."""
     directory = Path(directory)
     if not (directory / INDEX_NAME).is_file():
@@ -68,3 +64,14 @@ def load_components(
             raise NotAPipelineError(f"{directory / INDEX_NAME}: unknown component class {class_name!r}")
         components[name] = REGISTRY[class_name].from_pretrained(directory / name, device=device)
     return str(index.get("_class_name", "")), components
+
+
+def resolve_model_dir(path: str | Path, marker: str = INDEX_NAME) -> Path:
+    """A model folder, or a run folder whose ``model/`` holds one (``marker`` names the file to look for)."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / marker).is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    raise FileNotFoundError(f"{path} holds no model (no {marker} in it or in {path / 'model'})")

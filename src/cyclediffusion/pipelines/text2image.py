@@ -71,11 +71,7 @@ class Text2ImagePipeline(DiffusionPipeline):
         cond = self.encode_prompt(prompts).repeat(num_images_per_prompt)
         uncond = None
         if guidance_scale != 1.0:
-            negatives = (
-                [""] * len(prompts)
-                if negative_prompt is None
-                else as_list(negative_prompt, "negative_prompt")
-            )
+            negatives = [""] * len(prompts) if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
             if len(negatives) == 1 and len(prompts) > 1:
                 negatives = negatives * len(prompts)
             if len(negatives) != len(prompts):

@@ -1,0 +1,322 @@
+"""The ``cyclediffusion`` command: a thin layer that parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+log = logging.getLogger("cyclediffusion")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line with exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add ``--some-flag`` with the seeds' ``--some_flag`` spelling as an alias."""
+    names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
+    parser.add_argument(*names, **kwargs)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def devices_arg(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+# --------------------------------------------------------------------------- argument groups
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    flag(g, "--data", required=True, help="imagefolder path (images + metadata.jsonl/csv) or a hub dataset name")
+    flag(g, "--image-size", type=positive_int, default=32, help="centre-crop size in pixels (default 32)")
+    flag(g, "--split", default="train", help="dataset split (hub datasets)")
+    flag(g, "--cache-dir", default=None, help="datasets cache folder (hub datasets)")
+    flag(g, "--subset-size", type=int, default=None, help="use only the first N examples (0: all)")
+    flag(g, "--caption-column", default="text", help="caption column (default: text)")
+    flag(g, "--image-column", default="image", help="image column of hub datasets (default: image)")
+    flag(g, "--num-workers", type=int, default=0, help="data loader worker processes")
+
+
+def add_run_flags(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
+    g = p.add_argument_group("run")
+    flag(g, "--out", required=True, help="run folder: model/, checkpoints/, logs/, samples/")
+    flag(g, "--steps", type=positive_int, default=None, help="optimiser steps")
+    flag(g, "--epochs", type=float, default=None, help="epochs (instead of --steps)")
+    flag(g, "--minutes", type=float, default=None, help="wall-time budget (alone or as a cap)")
+    flag(g, "--batch-size", type=positive_int, default=64, help="batch size per device (default 64)")
+    flag(g, "--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    flag(g, "--wd", type=float, default=0.0, help="AdamW weight decay")
+    flag(g, "--warmup", type=int, default=100, help="linear LR warmup steps")
+    flag(g, "--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warmup")
+    flag(g, "--precision", choices=["32", "bf16-mixed", "16-mixed", "32-true"], default="32")
+    flag(g, "--accumulate", type=positive_int, default=1, help="gradient accumulation steps")
+    flag(g, "--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    flag(g, "--devices", type=devices_arg, default=1, help="number of devices (or 'auto')")
+    flag(g, "--accelerator", default="auto", help="auto, cpu, gpu ...")
+    flag(g, "--strategy", default="auto", help="auto, ddp, ddp_spawn ...")
+    flag(g, "--seed", type=int, default=0)
+    flag(g, "--ema-decay", type=float, default=0.999, help="EMA decay (0: no EMA)")
+    flag(g, "--log-every", type=positive_int, default=25, help="log metrics every N steps")
+    flag(g, "--checkpoint-every", type=int, default=500, help="resume checkpoint every N steps")
+    flag(g, "--export-every", type=int, default=0, help="export the model every N steps (always at the end)")
+    flag(g, "--sample-every", type=int, default=0, help="sample grid of fixed prompts every N steps")
+    flag(g, "--no-resume", action="store_true", help="start afresh even if OUT holds a checkpoint")
+    flag(g, "--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt (the default)")
+
+
+def data_options(args: argparse.Namespace, cache_latents: bool = False):
+    from .training import DataOptions
+
+    return DataOptions(
+        data=args.data,
+        image_size=args.image_size,
+        split=args.split,
+        cache_dir=args.cache_dir,
+        subset_size=args.subset_size or None,
+        caption_column=args.caption_column,
+        image_column=args.image_column,
+        num_workers=args.num_workers,
+        cache_latents=cache_latents,
+    )
+
+
+def run_options(args: argparse.Namespace):
+    from .training import RunOptions
+
+    if args.resume and args.no_resume:
+        raise UsageError("--resume and --no-resume contradict each other")
+    if not (args.steps or args.epochs or args.minutes):
+        raise UsageError("give the length of the run: --steps, --epochs or --minutes")
+    return RunOptions(
+        out=args.out,
+        steps=args.steps,
+        epochs=args.epochs,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        wd=args.wd,
+        warmup=args.warmup,
+        lr_schedule=args.lr_schedule,
+        precision=args.precision,
+        accumulate=args.accumulate,
+        grad_clip=args.grad_clip or None,
+        devices=args.devices,
+        accelerator=args.accelerator,
+        strategy=args.strategy,
+        seed=args.seed,
+        ema_decay=args.ema_decay or None,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        export_every=args.export_every,
+        sample_every=args.sample_every,
+        resume=not args.no_resume,
+    )
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_data(args: argparse.Namespace) -> None:
+    from .data.shapes import ShapesConfig, write_imagefolder
+
+    config = ShapesConfig(image_size=args.size, holdout=tuple(args.holdout))
+    path = write_imagefolder(args.out, args.n, config, seed=args.seed)
+    print(f"wrote {args.n} images and metadata.jsonl to {path}")
+
+
+def cmd_train_vae(args: argparse.Namespace) -> None:
+    from .training import train_vae
+
+    path = train_vae(
+        data_options(args),
+        run_options(args),
+        size=args.vae_size,
+        downsample=args.downsample,
+        kl_weight=args.kl_weight,
+    )
+    print(f"VAE exported to {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training import ModelOptions, train_text2image
+
+    model = ModelOptions(
+        backbone=args.backbone,
+        model_size=args.model_size,
+        scheduler=args.scheduler,
+        prediction_type=args.prediction_type,
+        beta_schedule=args.beta_schedule,
+        snr_gamma=args.snr_gamma,
+        vae=args.vae,
+        caption_dropout=args.caption_dropout,
+        text_width=args.text_width,
+        text_layers=args.text_layers,
+        vocab_size=args.vocab_size,
+        max_length=args.max_length,
+        **({"sample_prompts": args.sample_prompt} if args.sample_prompt else {}),
+    )
+    path = train_text2image(data_options(args, cache_latents=args.cache_latents), run_options(args), model)
+    print(f"model exported to {path}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from .images import make_grid, save_image
+    from .pipelines import Text2ImagePipeline
+    from .pipelines.storage import resolve_model_dir
+
+    pipe = Text2ImagePipeline.from_pretrained(resolve_model_dir(args.model), device=pick_device(args.device))
+    prompts = args.prompt
+    n = args.num_images
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts) * n)]
+    images = pipe(
+        prompts,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=n,
+        generator=generators,
+        sampler=args.sampler,
+        eta=args.eta,
+        output_type="pt",
+    ).images
+    out = Path(args.out)
+    if len(images) == 1:
+        save_image(images[0], out, scale=args.scale)
+    else:
+        save_image(make_grid(images, nrow=n if len(prompts) > 1 else min(8, n)), out, scale=args.scale)
+        for i, image in enumerate(images):
+            save_image(image, out.with_name(f"{out.stem}_{i}{out.suffix}"), scale=args.scale)
+    print(f"wrote {out}" + (f" and {len(images)} single images beside it" if len(images) > 1 else ""))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    report = run_demo(out=args.out, minutes=args.minutes, backbone=args.backbone, seed=args.seed, n=args.n)
+    print(f"report: {report}")
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> Parser:
+    parser = Parser(prog="cyclediffusion", description="Train text-to-image diffusion models and edit images.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("demo", help="shapes data -> VAE -> text-to-image model -> samples and report")
+    flag(p, "--out", default="runs/demo")
+    flag(p, "--minutes", type=float, default=10.0, help="total budget (default 10)")
+    flag(p, "--backbone", choices=["unet", "dit"], default="unet")
+    flag(p, "--n", type=positive_int, default=20000, help="number of training images")
+    flag(p, "--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="write a built-in dataset as an imagefolder")
+    p.add_argument("kind", choices=["shapes"])
+    flag(p, "--out", required=True)
+    flag(p, "--n", type=positive_int, default=20000)
+    flag(p, "--size", type=positive_int, default=32)
+    flag(p, "--seed", type=int, default=0)
+    flag(p, "--holdout", action="append", default=[], help="colour-shape pair never drawn, e.g. 'purple triangle'")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train-vae", help="train the KL autoencoder and measure its latent scaling")
+    add_data_flags(p)
+    add_run_flags(p, lr=1e-3)
+    flag(p, "--vae-size", choices=["tiny", "small", "base"], default="tiny")
+    flag(p, "--downsample", type=int, choices=[2, 4, 8], default=4, help="spatial downsampling (default 4)")
+    flag(p, "--kl-weight", type=float, default=1e-4)
+    p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("train", help="train a text-to-image model (text encoder + denoiser)")
+    add_data_flags(p)
+    add_run_flags(p, lr=1e-3)
+    g = p.add_argument_group("model")
+    flag(g, "--backbone", choices=["unet", "dit"], default="unet")
+    flag(g, "--model-size", default="small", help="unet: tiny|small|base; dit: tiny|small|DiT-S/2|...")
+    flag(g, "--scheduler", choices=["ddpm", "flow"], default="ddpm", help="noise process")
+    flag(g, "--prediction-type", choices=["epsilon", "x0", "v_prediction"], default="v_prediction")
+    flag(g, "--beta-schedule", choices=["linear", "scaled_linear", "cosine"], default="cosine")
+    flag(g, "--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting")
+    flag(g, "--vae", default=None, help="trained VAE (run folder or model folder); pixel space without it")
+    flag(g, "--cache-latents", action="store_true", help="encode the dataset once with the VAE")
+    flag(g, "--caption-dropout", type=float, default=0.1, help="probability of the empty caption")
+    flag(g, "--text-width", type=positive_int, default=128)
+    flag(g, "--text-layers", type=positive_int, default=2)
+    flag(g, "--vocab-size", type=positive_int, default=1024)
+    flag(g, "--max-length", type=positive_int, default=None, help="token length (default: fit the captions)")
+    flag(g, "--sample-prompt", action="append", default=[], help="prompt for the sample grids (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images from a trained model")
+    flag(p, "--model", required=True, help="run folder or model folder")
+    flag(p, "--prompt", action="append", required=True, help="prompt (repeatable)")
+    flag(p, "--negative-prompt", default=None)
+    flag(p, "--steps", type=positive_int, default=50)
+    flag(p, "--guidance", type=float, default=4.0)
+    flag(p, "--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None)
+    flag(p, "--eta", type=float, default=0.0)
+    flag(p, "--seed", type=int, default=0)
+    flag(p, "--num-images", type=positive_int, default=1)
+    flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")
+    flag(p, "--device", default="auto")
+    flag(p, "--out", default="sample.png")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cyclediffusion`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user's mistakes, a traceback for ours
+        if args.debug or not is_user_error(err):
+            raise
+        print(f"cyclediffusion: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def is_user_error(err: Exception) -> bool:
+    from .pipelines import NotAPipelineError
+
+    user_errors = (UsageError, FileNotFoundError, NotADirectoryError, NotAPipelineError, ValueError, ConnectionError)
+    return isinstance(err, user_errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

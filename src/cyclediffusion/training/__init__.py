@@ -1,0 +1,16 @@
+"""Training with PyTorch Lightning: data, LightningModules, callbacks and the run functions the CLI calls.
+
+Needs the ``train`` extra (lightning, datasets, tensorboard); inference does not import this package.
+"""
+
+from __future__ import annotations
+
+from .train import (
+    DataOptions,
+    ModelOptions,
+    RunOptions,
+    train_text2image,
+    train_vae,
+)
+
+__all__ = ["DataOptions", "ModelOptions", "RunOptions", "train_text2image", "train_vae"]

@@ -1,0 +1,217 @@
+"""Callbacks: EMA, resume checkpoints, exports, throughput and sample grids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+from ..images import make_grid, save_image
+
+log = logging.getLogger("cyclediffusion")
+
+
+def ema_avg_fn(decay: float):
+    """EMA update with the usual warmup: the effective decay is ``min(decay, (1 + n) / (10 + n))``."""
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        return averaged + (current - averaged) * (1 - d)
+
+    return update
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the trained weights (Lightning's ``WeightAveraging``).
+
+    The averaged copy is checkpointed with the live weights, used for sample grids and exports,
+    and copied into the model when training ends.
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        super().__init__(avg_fn=ema_avg_fn(decay), use_buffers=True)
+        self.decay = decay
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._copy_average_to_current(pl_module)
+
+    def averaged(self) -> L.LightningModule | None:
+        return None if self._average_model is None else self._average_model.module
+
+
+def inference_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA copy of the module when there is one, else the module itself."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EMA) and cb.averaged() is not None:
+            return cb.averaged()
+    return pl_module
+
+
+class ResumeCheckpoint(L.Callback):
+    """Keeps ``last.ckpt`` (model, EMA, optimiser, LR schedule, step) for resuming.
+
+    Written atomically every ``every_n_steps`` optimiser steps, when training ends (before the EMA
+    weights are swapped in) and when training stops on an exception or Ctrl-C.
+    """
+
+    def __init__(self, directory: str | Path, every_n_steps: int = 500) -> None:
+        self.path = Path(directory) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self._saved_at = -1
+
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step == self._saved_at:
+            return
+        tmp = self.path.with_suffix(".ckpt.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+        self._saved_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.global_step > 0 and trainer.world_size == 1:
+            log.warning("training stopped (%s): saving a checkpoint to resume from", type(exception).__name__)
+            self.save(trainer)
+
+
+class Export(L.Callback):
+    """Writes the inference model (EMA weights, safetensors) to ``directory`` every ``every_n_steps``.
+
+    The folder is replaced atomically: a crash mid-write leaves the previous export intact.
+    ``export_fn(module, path)`` does the writing.
+    """
+
+    def __init__(self, directory: str | Path, export_fn, every_n_steps: int = 0) -> None:
+        self.directory = Path(directory)
+        self.export_fn = export_fn
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            export_atomically(self.export_fn, inference_module(trainer, pl_module), self.directory)
+
+
+def export_atomically(export_fn, module: L.LightningModule, directory: Path) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_fn(module, tmp)
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class MetricsFile(L.Callback):
+    """Appends the logged metrics to ``metrics.jsonl`` every ``every_n_steps`` (rank 0).
+
+    Append-only, so a resumed run keeps its history (steps repeated after a crash appear twice; the
+    later line wins, see :func:`read_metrics`).
+    """
+
+    def __init__(self, path: str | Path, every_n_steps: int = 25) -> None:
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or (step % self.every_n_steps and step != 1):
+            return
+        row = {"step": step, "time": round(time.perf_counter() - self._start, 3)}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a ``metrics.jsonl``, one per step (the last line written for a step wins), by step."""
+    rows: dict[int, dict[str, float]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+class Throughput(L.Callback):
+    """Logs images per second (global batch over wall time of the optimiser step)."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            pl_module.log("train/images_per_s", self.global_batch / (now - self._last), prog_bar=True)
+        self._last = now
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps``, draws the fixed prompts with the EMA weights into TensorBoard and a PNG."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        directory: str | Path,
+        every_n_steps: int,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+    ) -> None:
+        self.prompts = prompts
+        self.directory = Path(directory)
+        self.every_n_steps = every_n_steps
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.draw(trainer, pl_module, step)
+
+    @torch.no_grad()
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Path:
+        module = inference_module(trainer, pl_module)
+        was_training = module.training
+        module.eval()
+        pipe = module.to_pipeline()
+        images = pipe(
+            self.prompts,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=[torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))],
+            output_type="pt",
+        ).images
+        module.train(was_training)
+        grid = make_grid(images, nrow=min(8, len(images)))
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("samples", grid, step)
+        path = self.directory / f"step_{step:07d}.png"
+        save_image(grid, path)
+        return path

@@ -1,0 +1,425 @@
+"""Captioned images for training: local ``imagefolder`` folders, hub datasets, and a cache of VAE latents.
+
+:func:`load_captioned_images` turns ``--data`` into a :class:`CaptionedImages` (``pixels`` and ``caption``);
+:func:`encode_latent_parameters` and :class:`CachedLatents` swap the pixels for VAE posterior parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger("cyclediffusion")
+
+MEMORY_BUDGET = 2 * 1024**3  # bytes of uint8 pixels kept in memory; bigger datasets are decoded lazily
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_CHUNK = 256  # rows decoded per batch of the load-time scan
+_WORKERS = min(4, os.cpu_count() or 1)  # PIL releases the GIL while decoding and resizing
+
+
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB float32 (3, size, size) in [-1, 1]: short side resized to ``size`` (bicubic), centre-cropped.
+
+    Transparent pixels are composited on white; greyscale, palette and 16-bit images become RGB.
+    """
+    return _to_float(_square_uint8(image, size))
+
+
+def _to_float(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).float().div_(127.5).sub_(1.0)
+
+
+def _square_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 (3, size, size): the centred square of the short side, resampled to ``size``."""
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith(("I", "F")):  # 16/32-bit greyscale: scale to 8 bits
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or values.max() > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    image = image.convert("RGB")
+    w, h = image.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _decode(value: Any, size: int | None) -> np.ndarray | None:
+    """Decode an image (path, bytes, ``{"bytes", "path"}`` dict or PIL image); its pixels if ``size``."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = io.BytesIO(value)
+    if value is None:
+        raise FileNotFoundError("no image file given")
+    with nullcontext(value) if isinstance(value, Image.Image) else Image.open(value) as image:
+        if size and image.format == "JPEG":  # decode at a reduced scale that still covers `size`
+            scale = size / min(image.size)
+            image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        image.load()
+        return _square_uint8(image, size) if size else None
+
+
+def _try_decode(value: Any, size: int | None) -> tuple[np.ndarray | None, str | None]:
+    """``(pixels or None, None)`` if the image decodes, else ``(None, reason)``."""
+    try:
+        return _decode(value, size), None
+    except FileNotFoundError:
+        return None, "missing file"
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except Image.DecompressionBombError:
+        return None, "image too large"
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return None, "unreadable image"
+
+
+def _caption(value: Any) -> str | None:
+    """The stripped caption, the first non-empty one of a list, or None if there is none."""
+    if isinstance(value, (list, tuple)):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), None)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar for long jobs (over 1000 items) when tqdm is installed, else None."""
+    if total <= 1000:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img")
+
+
+class CaptionedImages(Dataset):
+    """Images with captions; items are ``{"pixels": (3, S, S) float32 in [-1, 1], "caption": str}``.
+
+    Every image is decoded once here: rows with a missing, unreadable or non-image file or without a
+    caption are dropped and counted in :attr:`skipped`. The first ``subset_size`` usable rows are kept
+    (all if 0 or None). Their preprocessed uint8 pixels stay in memory when they fit in ``memory_budget``
+    bytes; otherwise images are decoded again in ``__getitem__``, where a file that has gone bad since
+    falls back to the next good item.
+
+    ``images`` holds paths, bytes, ``{"bytes", "path"}`` dicts, PIL images, or row numbers into ``table``
+    (a ``datasets.Dataset`` whose ``image_column`` is not decoded); ``captions`` holds strings or lists of
+    strings, of which the first non-empty one is used.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Any],
+        captions: Sequence[Any],
+        image_size: int,
+        *,
+        subset_size: int | None = None,
+        table: Any = None,
+        image_column: str = "image",
+        memory_budget: int = MEMORY_BUDGET,
+        skipped: Counter[str] | None = None,
+        name: str = "data",
+    ) -> None:
+        if image_size < 1 or len(images) != len(captions):
+            raise ValueError(f"need image_size >= 1 and one caption per image, got {image_size}")
+        self.image_size = image_size
+        self.skipped: Counter[str] = Counter(skipped or {})
+        self.captions: list[str] = []
+        self._table, self._column = table, image_column
+        limit = min(subset_size, len(images)) if subset_size else len(images)
+        in_memory = limit * 3 * image_size**2 <= memory_budget
+        pixels = np.empty((limit, 3, image_size, image_size), np.uint8) if in_memory else None
+        kept, bar = [], _progress(limit, f"checking images in {name}")
+        chunk = min(_CHUNK, max(limit, 16))  # small subsets decode little beyond what they keep
+        with ThreadPoolExecutor(_WORKERS) as pool:
+            for start in range(0, len(images), chunk):
+                if len(kept) >= limit:
+                    break
+                rows = range(start, min(start + chunk, len(images)))
+                texts = [_caption(captions[i]) for i in rows]
+                todo = [i for i, text in zip(rows, texts) if text is not None]
+                values = self._values([images[i] for i in todo])
+                size = image_size if in_memory else None
+                decoded = dict(zip(todo, pool.map(_try_decode, values, [size] * len(todo))))
+                for i, text in zip(rows, texts):
+                    if len(kept) >= limit:
+                        break
+                    array, reason = decoded.get(i, (None, "empty caption"))
+                    if reason is not None:
+                        self.skipped[reason] += 1
+                        continue
+                    if pixels is not None:
+                        pixels[len(kept)] = array
+                    kept.append(images[i])
+                    self.captions.append(text)
+                if bar is not None:
+                    bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        self._pixels = None if pixels is None else pixels[: len(kept)]
+        self._images = None if in_memory else kept
+        if in_memory:
+            self._table = None
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+        summary = f"data: {len(kept)} images from {name}" + (f", skipped {total} ({reasons})" if total else "")
+        if not kept:
+            raise ValueError(f"{summary}: nothing to train on")
+        logger.info(summary + ("" if in_memory else " (too many to keep in memory: decoded on the fly)"))
+
+    def _values(self, entries: list[Any]) -> list[Any]:
+        """Image values for entries: themselves, or the rows they number in the table."""
+        if self._table is None or not entries:
+            return entries
+        return list(self._table[entries][self._column])
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        if self._pixels is not None:
+            return {"pixels": _to_float(self._pixels[index]), "caption": self.captions[index]}
+        for offset in range(n):
+            j = (index + offset) % n
+            array, reason = _try_decode(self._values([self._images[j]])[0], self.image_size)
+            if reason is None:
+                return {"pixels": _to_float(array), "caption": self.captions[j]}
+            logger.warning("data: %s for item %d (%s); using the next item", reason, j, self._images[j])
+        raise RuntimeError("data: no readable image is left")
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; other names, and ``dir/...`` if ``dir`` exists, are paths."""
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        return True
+    return "/" in source and Path(source.split("/")[0]).is_dir()
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _find_metadata(root: Path, split: str) -> Path | None:
+    for folder in (root, root / split):
+        for name in METADATA_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _read_imagefolder(meta: Path, caption_column: str) -> tuple[list[str | None], list[Any], Counter[str]]:
+    """Image paths, raw captions and skipped-line counts from an imagefolder metadata file."""
+    rows, skipped = [], Counter()
+    with meta.open(newline="", encoding="utf-8-sig") as f:
+        if meta.suffix == ".csv":
+            rows = list(csv.DictReader(f))
+        for line in f if meta.suffix == ".jsonl" else ():
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    skipped["bad metadata line"] += 1
+    for column in ("file_name", caption_column):
+        if rows and not any(column in row for row in rows):
+            raise ValueError(f"{meta} has no {column!r} column (it has {sorted(rows[0])}); see --caption-column")
+    images = [str(meta.parent / row["file_name"]) if row.get("file_name") else None for row in rows]
+    return images, [row.get(caption_column) for row in rows], skipped
+
+
+def _load_table(source: str, path: Path, split: str, cache_dir: str | None, columns: tuple[str, str]) -> Any:
+    """A ``datasets.Dataset`` with just the image and caption columns, images left undecoded."""
+    import datasets
+
+    if _is_saved_dataset(path):
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            if split not in table:
+                raise ValueError(f"{source} has no split {split!r}; it has {list(table)}")
+            table = table[split]
+    elif path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"{source}: expected a folder, a metadata.jsonl/csv or a .parquet file")
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
+    else:
+        table = datasets.load_dataset(str(path) if path.exists() else source, split=split, cache_dir=cache_dir)
+    missing = [column for column in columns if column not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{source} has no column {', '.join(map(repr, missing))}; its columns are {table.column_names} "
+            "(see --image-column and --caption-column)"
+        )
+    table = table.select_columns(list(columns))
+    if isinstance(table.features[columns[0]], datasets.Image):
+        table = table.cast_column(columns[0], datasets.Image(decode=False))
+    return table
+
+
+def load_captioned_images(
+    source: str,
+    image_size: int,
+    split: str = "train",
+    cache_dir: str | None = None,
+    subset_size: int | None = None,
+    caption_column: str = "text",
+    image_column: str = "image",
+    *,
+    shuffle_subset: bool = False,
+    seed: int = 0,
+    memory_budget: int = MEMORY_BUDGET,
+) -> CaptionedImages:
+    """Captioned images from ``--data``: a local folder or a hub dataset name.
+
+    A folder holds images and a ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` relative to it, and
+    ``caption_column``), directly or in ``source/split``; a folder written by ``save_to_disk``, a folder or
+    file of parquet data, or a hub name goes through ``datasets``. ``subset_size`` keeps the first usable
+    rows, after a shuffle by ``seed`` if ``shuffle_subset``.
+    """
+    path = Path(source).expanduser()
+    table, skipped = None, Counter()
+    meta = _find_metadata(path, split) if path.is_dir() else path if path.name in METADATA_FILES else None
+    if meta is not None and meta.is_file():
+        images, captions, skipped = _read_imagefolder(meta, caption_column)
+    elif path.is_dir() and not _is_saved_dataset(path) and not any(path.rglob("*.parquet")):
+        raise ValueError(
+            f"{source} has no metadata.jsonl or metadata.csv. Expected the imagefolder layout: images plus a "
+            f'metadata.jsonl with one line per image like {{"file_name": "0001.png", "{caption_column}": '
+            '"a red circle"}} (or a metadata.csv with those columns), or a folder saved with save_to_disk.'
+        )
+    elif path.exists() or not _looks_like_path(source):
+        table = _load_table(source, path, split, cache_dir, (image_column, caption_column))
+        images, captions = list(range(len(table))), list(table[caption_column])
+    else:
+        raise FileNotFoundError(f"data {source!r}: no such file or directory")
+    if subset_size and shuffle_subset:
+        order = np.random.default_rng(seed).permutation(len(images))
+        images, captions = [images[i] for i in order], [captions[i] for i in order]
+    return CaptionedImages(
+        images, captions, image_size, subset_size=subset_size, table=table, image_column=image_column,
+        memory_budget=memory_budget, skipped=skipped, name=source,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def encode_latent_parameters(
+    dataset: CaptionedImages,
+    vae: torch.nn.Module,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """VAE posterior parameters (N, 2C, h, w), float32 on the CPU: row i is ``vae.encode(dataset[i])``.
+
+    Each row is mean and logvar concatenated (``posterior.parameters``). The VAE runs in eval mode on
+    ``device`` in ``dtype``, and is put back where it was, in the mode it was in, afterwards.
+    """
+    first = next(vae.parameters())
+    place, was_training = (first.device, first.dtype), vae.training
+    vae.to(device, dtype).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    bar, out, start = _progress(len(dataset), "encoding latents"), None, 0
+    try:
+        for batch in loader:
+            params = vae.encode(batch["pixels"].to(device, dtype)).parameters.float().cpu()
+            if out is None:
+                out = torch.empty(len(dataset), *params.shape[1:])
+            out[start : start + len(params)] = params
+            start += len(params)
+            if bar is not None:
+                bar.update(len(params))
+    finally:
+        vae.to(*place).train(was_training)
+        if bar is not None:
+            bar.close()
+    return out
+
+
+class CachedLatents(Dataset):
+    """Cached VAE posterior parameters with captions: items ``{"latent_params": (2C, h, w), "caption": str}``.
+
+    Draw latents at train time with ``DiagonalGaussian(batch["latent_params"]).sample()``.
+    """
+
+    def __init__(self, parameters: torch.Tensor, captions: Sequence[str]) -> None:
+        if parameters.ndim != 4 or len(parameters) != len(captions):
+            raise ValueError(f"need (N, 2C, h, w) parameters and N captions, got {tuple(parameters.shape)}")
+        self.parameters, self.captions = parameters, list(captions)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"latent_params": self.parameters[index], "caption": self.captions[index]}
+
+
+def save_latent_cache(
+    path: str | os.PathLike, parameters: torch.Tensor, captions: Sequence[str], meta: dict[str, Any]
+) -> None:
+    """Write ``parameters`` to ``path`` (safetensors) and captions + ``meta`` (JSON) beside it (``.json``)."""
+    path = Path(path)
+    if len(parameters) != len(captions):
+        raise ValueError(f"{len(parameters)} latents but {len(captions)} captions")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = {"shape": list(parameters.shape), "captions": list(captions), "meta": meta}
+    for target, write in (
+        (path, lambda tmp: save_file({"parameters": parameters.detach().cpu().contiguous()}, str(tmp))),
+        (path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(sidecar), encoding="utf-8")),
+    ):
+        tmp = target.with_name(target.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, target)
+
+
+def load_latent_cache(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
+    """``(parameters, captions, meta)`` written by :func:`save_latent_cache`; compare ``meta`` to reuse it."""
+    path = Path(path)
+    parameters = load_file(str(path))["parameters"]
+    sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    if sidecar["shape"] != list(parameters.shape) or len(sidecar["captions"]) != len(parameters):
+        raise ValueError(f"latent cache {path} does not match its captions file; delete both to re-encode")
+    return parameters, sidecar["captions"], sidecar["meta"]
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch: tensors stacked, ints as a LongTensor, floats as a float tensor, anything else as a list."""
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], (int, np.integer)) and not isinstance(values[0], bool):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(values[0], float):
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[key] = values
+    return batch

@@ -1,0 +1,416 @@
+"""Training runs: build the data, the models and Lightning's Trainer from options, then fit and export.
+
+A run folder holds everything::
+
+    OUT/model/          the exported inference model (safetensors + JSON), EMA weights
+    OUT/checkpoints/    last.ckpt: Lightning's resume state (never handed to users as a model)
+    OUT/logs/           TensorBoard events and metrics.jsonl
+    OUT/samples/        sample grids of the fixed prompts
+    OUT/options.json    the options of the run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import write_json
+from ..diffusion import FlowConfig, FlowMatching, GaussianConfig, GaussianDiffusion, NoiseProcess
+from ..models import (
+    DIT_SIZES,
+    AutoencoderKL,
+    DiT,
+    DiTConfig,
+    TextEncoder,
+    TextEncoderConfig,
+    UNet,
+    UNetConfig,
+)
+from ..models.vae import VAEConfig, measure_latent_scaling
+from ..pipelines.storage import resolve_model_dir
+from ..text import Tokenizer
+from .callbacks import EMA, Export, MetricsFile, ResumeCheckpoint, SampleGrid, Throughput, export_atomically
+from .data import CachedLatents, collate, encode_latent_parameters, load_captioned_images
+from .modules import DiffusionModule, OptimConfig, VAEModule
+from .sampler import StepBatchSampler, StepIndexed
+
+log = logging.getLogger("cyclediffusion")
+
+DEFAULT_PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow circle",
+    "a small purple square on the left",
+    "a large orange triangle at the top",
+    "two cyan circles",
+    "a red square and a blue circle",
+]
+
+UNET_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"block_channels": (32, 64), "layers_per_block": 1, "attention_levels": (False, True)},
+    "small": {"block_channels": (64, 128), "layers_per_block": 2, "attention_levels": (True, True)},
+    "base": {
+        "block_channels": (128, 256, 256),
+        "layers_per_block": 2,
+        "attention_levels": (False, True, True),
+    },
+}
+DIT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 1},
+    "small": {"hidden_size": 256, "depth": 8, "num_heads": 4, "patch_size": 1},
+    **DIT_SIZES,
+}
+VAE_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"block_channels": (32, 64, 64), "layers_per_block": 1},
+    "small": {"block_channels": (64, 128, 128), "layers_per_block": 1},
+    "base": {"block_channels": (64, 128, 256, 256), "layers_per_block": 2},
+}
+
+
+@dataclass
+class DataOptions:
+    """Where the captioned images come from and how they are prepared."""
+
+    data: str
+    image_size: int = 32
+    split: str = "train"
+    cache_dir: str | None = None
+    subset_size: int | None = None
+    caption_column: str = "text"
+    image_column: str = "image"
+    num_workers: int = 0
+    cache_latents: bool = False
+
+
+@dataclass
+class RunOptions:
+    """Length, optimisation, precision, devices and bookkeeping of a training run."""
+
+    out: str
+    steps: int | None = None
+    epochs: float | None = None
+    minutes: float | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    wd: float = 0.0
+    warmup: int = 100
+    lr_schedule: str = "constant"
+    precision: str = "32"
+    accumulate: int = 1
+    grad_clip: float | None = 1.0
+    devices: int | str = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    seed: int = 0
+    ema_decay: float | None = 0.999
+    log_every: int = 25
+    checkpoint_every: int = 500
+    export_every: int = 0
+    sample_every: int = 0
+    resume: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ModelOptions:
+    """The text-to-image model: backbone, noise process and text encoder."""
+
+    backbone: str = "unet"
+    model_size: str = "small"
+    scheduler: str = "ddpm"
+    prediction_type: str = "v_prediction"
+    beta_schedule: str = "cosine"
+    snr_gamma: float | None = None
+    time_sampling: str = "logit_normal"
+    vae: str | None = None
+    caption_dropout: float = 0.1
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    vocab_size: int = 1024
+    max_length: int | None = None
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+
+
+# --------------------------------------------------------------------------- shared plumbing
+def total_steps(run: RunOptions, dataset_size: int, world: int) -> int | None:
+    """Optimiser steps from ``--steps`` or ``--epochs`` (None: only a time budget)."""
+    if run.steps:
+        return run.steps
+    if run.epochs:
+        per_epoch = dataset_size // (run.batch_size * world * run.accumulate)
+        return max(1, math.ceil(run.epochs * per_epoch))
+    if run.minutes:
+        return None
+    raise ValueError("give the length of the run: --steps, --epochs or --minutes")
+
+
+def world_size(run: RunOptions) -> int:
+    """Processes the run will use (for global batch sizes before the Trainer exists)."""
+    if isinstance(run.devices, int) and run.devices > 0:
+        return run.devices
+    if run.accelerator == "cpu" or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.device_count() if str(run.devices) in ("auto", "-1") else len(str(run.devices).split(","))
+
+
+def make_loader(dataset: Dataset, run: RunOptions, trainer: L.Trainer, num_workers: int) -> DataLoader:
+    """The step-keyed loader; it starts where the (possibly resumed) trainer stands."""
+    sampler = StepBatchSampler(
+        len(dataset),  # type: ignore[arg-type]
+        run.batch_size,
+        trainer.world_size,
+        trainer.global_rank,
+        run.seed,
+        start_step=trainer.global_step * run.accumulate,
+    )
+    return DataLoader(
+        StepIndexed(dataset),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def fit(
+    module: L.LightningModule,
+    dataset: Dataset,
+    run: RunOptions,
+    steps: int | None,
+    num_workers: int,
+    callbacks: list[L.Callback],
+) -> L.Trainer:
+    """Fit ``module`` on ``dataset`` with the run's options; resumes from ``OUT/checkpoints/last.ckpt``."""
+    out = Path(run.out)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    resume_from = str(ckpt) if run.resume and ckpt.is_file() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+
+    ema = [EMA(run.ema_decay)] if run.ema_decay else []
+    # ResumeCheckpoint must come before EMA: on train end it saves before EMA swaps its weights in.
+    all_callbacks = [ResumeCheckpoint(out / "checkpoints", run.checkpoint_every), *ema, *callbacks]
+    all_callbacks.append(Throughput(run.batch_size * world_size(run) * run.accumulate))
+    all_callbacks.append(MetricsFile(out / "logs" / "metrics.jsonl", run.log_every))
+    trainer = L.Trainer(
+        max_steps=steps if steps is not None else -1,
+        max_time={"minutes": run.minutes} if run.minutes else None,
+        max_epochs=-1,
+        accelerator=run.accelerator,
+        devices=run.devices,
+        strategy=run.strategy,
+        precision=run.precision,
+        accumulate_grad_batches=run.accumulate,
+        gradient_clip_val=run.grad_clip or None,
+        callbacks=all_callbacks,
+        logger=TensorBoardLogger(out, name="logs", version=""),
+        log_every_n_steps=run.log_every,
+        enable_checkpointing=False,
+        enable_progress_bar=run.progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+
+    module.train_dataloader = lambda: make_loader(dataset, run, trainer, num_workers)  # type: ignore[method-assign]
+    trainer.fit(module, ckpt_path=resume_from, weights_only=True)
+    return trainer
+
+
+def write_options(out: Path, **groups: Any) -> None:
+    write_json(out / "options.json", {k: dataclasses.asdict(v) for k, v in groups.items()})
+
+
+# --------------------------------------------------------------------------- VAE
+def build_vae(size: str, downsample: int) -> AutoencoderKL:
+    """A VAE of a named size with ``downsample`` = 2, 4 or 8 (levels = log2(downsample) + 1)."""
+    if size not in VAE_SIZES:
+        raise ValueError(f"unknown VAE size {size!r}; choose from {', '.join(VAE_SIZES)}")
+    levels = int(math.log2(downsample)) + 1
+    if 2 ** (levels - 1) != downsample or levels < 2:
+        raise ValueError(f"VAE downsampling must be 2, 4 or 8, got {downsample}")
+    spec = dict(VAE_SIZES[size])
+    chans = list(spec.pop("block_channels"))
+    chans = (chans + [chans[-1]] * levels)[:levels]
+    return AutoencoderKL(VAEConfig(block_channels=tuple(chans), norm_groups=32, **spec))
+
+
+def train_vae(
+    data: DataOptions, run: RunOptions, size: str = "tiny", downsample: int = 4, kl_weight: float = 1e-4
+) -> Path:
+    """Train a KL VAE, measure its latent scaling on the data, and export it to ``OUT/model``."""
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_options(out, data=data, run=run, vae={"size": size, "downsample": downsample, "kl_weight": kl_weight})
+    L.seed_everything(run.seed, verbose=False)
+    dataset = load_images(data)
+    vae = build_vae(size, downsample)
+    steps = total_steps(run, len(dataset), world_size(run))
+    module = VAEModule(vae, optim_config(run, steps), kl_weight=kl_weight, seed=run.seed)
+    trainer = fit(module, dataset, run, steps, data.num_workers, [])
+    if trainer.is_global_zero:
+        export_atomically(lambda m, p: export_vae(m.vae, dataset, p), module, out / "model")
+    return out / "model"
+
+
+def export_vae(vae: AutoencoderKL, dataset: Dataset, path: Path, batches: int = 16) -> None:
+    """Measure ``scaling_factor`` / ``shift_factor`` on (part of) the data, then save the VAE."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    loader = DataLoader(dataset, batch_size=64, shuffle=False, collate_fn=collate)
+    images = (batch["pixels"].to(device) for _, batch in zip(range(batches), loader))
+    scale, shift = measure_latent_scaling(vae, images)
+    vae.config.scaling_factor, vae.config.shift_factor = scale, shift
+    log.info("VAE latent scaling factor %.4f, shift %.4f", scale, shift)
+    vae.save_pretrained(path)
+
+
+def load_images(data: DataOptions):
+    return load_captioned_images(
+        data.data,
+        data.image_size,
+        split=data.split,
+        cache_dir=data.cache_dir,
+        subset_size=data.subset_size,
+        caption_column=data.caption_column,
+        image_column=data.image_column,
+    )
+
+
+def optim_config(run: RunOptions, steps: int | None) -> OptimConfig:
+    return OptimConfig(
+        lr=run.lr, weight_decay=run.wd, warmup_steps=run.warmup, schedule=run.lr_schedule, total_steps=steps
+    )
+
+
+# --------------------------------------------------------------------------- text-to-image
+def build_noise_process(model: ModelOptions) -> NoiseProcess:
+    if model.scheduler == "flow":
+        return FlowMatching(FlowConfig(time_sampling=model.time_sampling))
+    if model.scheduler == "ddpm":
+        return GaussianDiffusion(
+            GaussianConfig(
+                beta_schedule=model.beta_schedule,
+                prediction_type=model.prediction_type,
+                snr_gamma=model.snr_gamma,
+                timestep_spacing="trailing",
+            )
+        )
+    raise ValueError(f"unknown scheduler {model.scheduler!r}; choose 'ddpm' or 'flow'")
+
+
+def build_denoiser(model: ModelOptions, channels: int, sample_size: int, context_dim: int) -> torch.nn.Module:
+    common = {"in_channels": channels, "out_channels": channels, "sample_size": sample_size}
+    if model.backbone == "unet":
+        if model.model_size not in UNET_SIZES:
+            raise ValueError(f"unknown U-Net size {model.model_size!r}; choose from {', '.join(UNET_SIZES)}")
+        spec = UNET_SIZES[model.model_size]
+        groups = math.gcd(32, spec["block_channels"][0])
+        return UNet(UNetConfig(**common, **spec, context_dim=context_dim, pooled_dim=context_dim, norm_groups=groups))
+    if model.backbone == "dit":
+        if model.model_size not in DIT_PRESETS:
+            raise ValueError(f"unknown DiT size {model.model_size!r}; choose from {', '.join(DIT_PRESETS)}")
+        return DiT(
+            DiTConfig(**common, **DIT_PRESETS[model.model_size], context_dim=context_dim, pooled_dim=context_dim)
+        )
+    raise ValueError(f"unknown backbone {model.backbone!r}; choose 'unet' or 'dit'")
+
+
+def prepare_tokenizer(out: Path, captions: list[str], model: ModelOptions) -> Tokenizer:
+    """Train the BPE tokenizer on the captions (or reload the run's own, when resuming)."""
+    path = out / "tokenizer"
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_pretrained(path)
+    max_length = model.max_length
+    if max_length is None:
+        probe = Tokenizer.train(captions, vocab_size=model.vocab_size, max_length=77)
+        longest = int(probe(captions).attention_mask.sum(1).max())
+        max_length = min(77, 8 * math.ceil(longest / 8))
+    tokenizer = Tokenizer.train(captions, vocab_size=model.vocab_size, max_length=max_length)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def latent_dataset(images, vae: AutoencoderKL, out: Path, device: torch.device) -> CachedLatents:
+    """Encode the images once (posterior mean and logvar); reuse the run's cache when it matches."""
+    from .data import load_latent_cache, save_latent_cache
+
+    path = out / "latents.safetensors"
+    meta = {"vae": str(vae.config), "size": len(images), "image_size": images.image_size}
+    if path.is_file():
+        params, captions, old = load_latent_cache(path)
+        if old == {k: str(v) for k, v in meta.items()} or old == meta:
+            return CachedLatents(params, captions)
+    t0 = time.perf_counter()
+    params = encode_latent_parameters(images, vae.to(device), batch_size=128, device=device)
+    log.info("cached %d latents in %.1fs", len(params), time.perf_counter() - t0)
+    save_latent_cache(path, params.cpu(), images.captions, meta)
+    return CachedLatents(params.cpu(), images.captions)
+
+
+def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) -> Path:
+    """Train a text encoder and denoiser jointly (latent space with ``model.vae``, else pixels); export to OUT/model."""
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_options(out, data=data, run=run, model=model)
+    L.seed_everything(run.seed, verbose=False)
+    images = load_images(data)
+    vae = AutoencoderKL.from_pretrained(resolve_model_dir(model.vae, "config.json")) if model.vae else None
+    tokenizer = prepare_tokenizer(out, images.captions, model)
+    text_encoder = TextEncoder(
+        TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            max_length=tokenizer.max_length,
+            width=model.text_width,
+            layers=model.text_layers,
+            heads=model.text_heads,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    if vae is None:
+        channels, sample_size = 3, data.image_size
+    else:
+        if data.image_size % vae.downsample_factor:
+            raise ValueError(f"--image-size {data.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
+        channels, sample_size = vae.config.latent_channels, data.image_size // vae.downsample_factor
+    denoiser = build_denoiser(model, channels, sample_size, model.text_width)
+    dataset: Dataset = images
+    if data.cache_latents and vae is not None:
+        device = torch.device("cuda" if torch.cuda.is_available() and run.accelerator != "cpu" else "cpu")
+        dataset = latent_dataset(images, vae, out, device)
+    steps = total_steps(run, len(dataset), world_size(run))
+    module = DiffusionModule(
+        tokenizer,
+        text_encoder,
+        denoiser,
+        build_noise_process(model),
+        vae,
+        optim_config(run, steps),
+        caption_dropout=model.caption_dropout,
+        seed=run.seed,
+    )
+    callbacks: list[L.Callback] = [Export(out / "model", export_pipeline, run.export_every)]
+    if run.sample_every:
+        callbacks.append(SampleGrid(model.sample_prompts, out / "samples", run.sample_every, seed=run.seed))
+    trainer = fit(module, dataset, run, steps, data.num_workers, callbacks)
+    if trainer.is_global_zero:
+        export_atomically(export_pipeline, module, out / "model")
+    return out / "model"
+
+
+def export_pipeline(module: DiffusionModule, path: Path) -> None:
+    module.to_pipeline().save_pretrained(path)

@@ -1,0 +1,224 @@
+"""Training: step-keyed batches, LR schedule, exact resume, DDP parity and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cyclediffusion.cli import main
+from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, train_text2image
+from cyclediffusion.training.callbacks import read_metrics
+from cyclediffusion.training.modules import OptimConfig
+from cyclediffusion.training.sampler import StepBatchSampler
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
+
+
+def write_folder(root: Path, n: int = 16, size: int = 16) -> Path:
+    """A tiny imagefolder: coloured squares at random places, captioned with their colour."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    names = list(COLOURS)
+    for i in range(n):
+        colour = names[i % len(names)]
+        image = Image.new("RGB", (size, size), (40, 40, 40))
+        x, y = (int(v) for v in torch.randint(0, size - 6, (2,), generator=g))
+        image.paste(COLOURS[colour], (x, y, x + 6, y + 6))
+        image.save(root / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {colour} square"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny_model() -> ModelOptions:
+    return ModelOptions(backbone="unet", model_size="tiny", text_width=32, text_layers=1, vocab_size=300)
+
+
+def tiny_run(out: Path, steps: int, **kw) -> RunOptions:
+    options = dict(out=str(out), steps=steps, batch_size=4, lr=1e-3, warmup=2, log_every=1, progress=False)
+    options.update(kw)
+    return RunOptions(**options)
+
+
+def test_step_batches_are_a_function_of_the_step():
+    full = StepBatchSampler(10, batch_size=4, seed=3)
+    it = iter(full)
+    first = [next(it) for _ in range(7)]
+    assert [b[0][0] for b in first] == list(range(7))
+    # an epoch (2 steps of 4 out of 10) never repeats an index
+    assert len({i for _, i in first[0] + first[1]}) == 8
+    resumed = iter(StepBatchSampler(10, batch_size=4, seed=3, start_step=5))
+    assert next(resumed) == first[5] and next(resumed) == first[6]
+    # two ranks of 2 together see the global batch of one rank of 4
+    ranks = [iter(StepBatchSampler(10, batch_size=2, world_size=2, rank=r, seed=3)) for r in range(2)]
+    for step in range(4):
+        assert next(ranks[0]) + next(ranks[1]) == first[step]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepBatchSampler(3, batch_size=4)
+
+
+def test_lr_schedule():
+    cos = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", total_steps=110)
+    assert cos.factor(0) == pytest.approx(0.1) and cos.factor(9) == pytest.approx(1.0)
+    assert cos.factor(60) == pytest.approx(0.5) and cos.factor(110) == pytest.approx(0.0, abs=1e-12)
+    assert OptimConfig(warmup_steps=0).factor(10_000) == 1.0
+    with pytest.raises(ValueError, match="needs a known number of steps"):
+        OptimConfig(schedule="cosine")
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(out / "model" / "denoiser" / "model.safetensors")
+    weights.update({f"te.{k}": v for k, v in load_file(out / "model" / "text_encoder" / "model.safetensors").items()})
+    return weights
+
+
+def metrics(out: Path) -> list[dict[str, float]]:
+    return read_metrics(out / "logs" / "metrics.jsonl")
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    data = DataOptions(data=str(write_folder(tmp_path / "data")), image_size=16)
+    straight = train_text2image(data, tiny_run(tmp_path / "a", steps=6), tiny_model())
+    first = tmp_path / "b"
+    train_text2image(data, tiny_run(first, steps=3), tiny_model())
+    ckpt = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and "optimizer_states" in ckpt and "current_model_state" in ckpt
+    train_text2image(data, tiny_run(first, steps=6), tiny_model())  # reruns into the same folder: resumes
+    a, b = final_weights(straight.parent), final_weights(first)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    # EMA weights differ from the live ones, and training moved them
+    live = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["current_model_state"]
+    assert any(
+        not torch.equal(live[f"denoiser.{k}"], v)
+        for k, v in load_file(first / "model" / "denoiser" / "model.safetensors").items()
+    )
+    rows = metrics(first)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["train/loss"] > 0 for r in rows)
+
+
+def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """The command in a fresh process (needed for DDP, which re-launches it)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cyclediffusion", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_cli(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The command in this process (faster than a subprocess)."""
+    monkeypatch.chdir(cwd)
+    try:
+        return main(list(args))
+    except SystemExit as exit_:  # argparse exits on bad flags
+        return int(exit_.code)
+
+
+TINY_FLAGS = [
+    "--image-size",
+    "16",
+    "--model-size",
+    "tiny",
+    "--text-width",
+    "32",
+    "--text-layers",
+    "1",
+    "--vocab-size",
+    "300",
+    "--warmup",
+    "2",
+    "--log-every",
+    "1",
+    "--lr",
+    "1e-3",
+]
+
+
+def test_cli_train_then_sample_writes_png(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "data")
+
+    def cli(*args: str, cwd: Path) -> None:
+        assert run_cli(*args, cwd=cwd, monkeypatch=monkeypatch) == 0
+
+    cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        "run",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        *TINY_FLAGS,
+        "--sample-every",
+        "2",
+        cwd=tmp_path,
+    )
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    assert any((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
+    cli("sample", "--model", "run", "--prompt", "a red square", "--steps", "3", "--out", "s.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "s.png").size == (16, 16)
+    cli(
+        "sample",
+        "--model",
+        "run",
+        "--prompt",
+        "a red square",
+        "--prompt",
+        "a blue square",
+        "--num-images",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        "grid.png",
+        cwd=tmp_path,
+    )
+    assert all((tmp_path / f"grid_{i}.png").is_file() for i in range(4))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "--model", "nowhere", "--prompt", "x"], "does not exist"),
+        (["sample", "--model", ".", "--prompt", "x"], "holds no model"),
+        (["train", "--data", "./missing/folder", "--out", "r", "--steps", "1"], "missing/folder"),
+        (["train", "--data", "d", "--out", "r"], "--steps, --epochs or --minutes"),
+        (["train", "--data", "d", "--out", "r", "--steps", "0"], "positive integer"),
+        (["train", "--data", "d", "--out", "r", "--steps", "1", "--backbone", "rnn"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    assert run_cli(*args, cwd=tmp_path, monkeypatch=monkeypatch) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "cyclediffusion" in line]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_ddp_first_step_loss_equals_single_process(tmp_path):
+    data = write_folder(tmp_path / "data")
+    common = ["--data", str(data), "--steps", "1", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0"]
+    cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
+    cli("train", "--out", "ddp", "--batch-size", "4", "--devices", "2", "--strategy", "ddp", *common, cwd=tmp_path)
+    single = float(metrics(tmp_path / "single")[0]["train/loss"])
+    ddp = float(metrics(tmp_path / "ddp")[0]["train/loss"])
+    assert abs(single - ddp) < 1e-5, (single, ddp)
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
