@@ -37,9 +37,7 @@ def coloured(i: int, size: tuple[int, int] = (12, 10)) -> Image.Image:
     return Image.fromarray(image)
 
 
-def write_folder(
-    root: Path, captions: list[str], column: str = "text", fmt: str = "jsonl", sub: str = ""
-) -> Path:
+def write_folder(root: Path, captions: list[str], column: str = "text", fmt: str = "jsonl", sub: str = "") -> Path:
     """An imagefolder: PNGs (in ``sub``) and a metadata file naming them; returns the folder."""
     (root / sub).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -106,9 +104,7 @@ def test_range_white_black_transparency_and_16_bit():
 
 
 def test_jpeg_decoded_at_reduced_scale_matches_full_decode(tmp_path):
-    image = Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((40, 40), np.uint8))).convert(
-        "RGB"
-    )
+    image = Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((40, 40), np.uint8))).convert("RGB")
     image.save(tmp_path / "a.jpg", quality=95)
     data = load_captioned_images(str(write_jpeg_folder(tmp_path)), 16)
     reference = preprocess_image(Image.open(tmp_path / "a.jpg"), 16)
@@ -199,9 +195,7 @@ def test_subset_size(tmp_path):
     assert len(load_captioned_images(str(root), 8, subset_size=0)) == 10
     assert len(load_captioned_images(str(root), 8, subset_size=50)) == 10
     shuffled = load_captioned_images(str(root), 8, subset_size=4, shuffle_subset=True, seed=1).captions
-    assert (
-        shuffled == load_captioned_images(str(root), 8, subset_size=4, shuffle_subset=True, seed=1).captions
-    )
+    assert shuffled == load_captioned_images(str(root), 8, subset_size=4, shuffle_subset=True, seed=1).captions
     assert shuffled != captions[:4] and set(shuffled) <= set(captions)
     (root / "000.png").unlink()  # a bad row is replaced by the next good one
     data = load_captioned_images(str(root), 8, subset_size=4)
@@ -304,9 +298,7 @@ def test_local_parquet_folder(tmp_path):
     (tmp_path / "data").mkdir()
     table.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "data" / "train-00000.parquet"))
     data = load_captioned_images(str(tmp_path), 8, cache_dir=str(tmp_path / "cache"))
-    assert data.captions == ["a", "b", "c"] and torch.equal(
-        data[0]["pixels"], preprocess_image(coloured(0), 8)
-    )
+    assert data.captions == ["a", "b", "c"] and torch.equal(data[0]["pixels"], preprocess_image(coloured(0), 8))
 
 
 # --- loaders and latents ---------------------------------------------------------------------------

@@ -46,9 +46,7 @@ def test_schedules_match_diffusers(schedule):
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [1, 7, 10, 50, 1000])
 def test_spacing_matches_diffusers(spacing, steps):
-    ours = GaussianDiffusion(
-        GaussianConfig(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
-    )
+    ours = GaussianDiffusion(GaussianConfig(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0))
     theirs = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=ours.config.steps_offset)
     theirs.set_timesteps(steps)
     assert ours.timesteps(steps).tolist() == theirs.timesteps.tolist()
@@ -202,9 +200,7 @@ def test_ddpm_sampler_matches_diffusers_loop(prediction, steps):
     for t in theirs.timesteps:
         x = theirs.step(fake_model(x, t.view(1)), t, x, generator=g).prev_sample
 
-    got = ours.sample(
-        fake_model, x_T.clone(), steps, sampler="ddpm", generator=torch.Generator().manual_seed(7)
-    )
+    got = ours.sample(fake_model, x_T.clone(), steps, sampler="ddpm", generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)
 
 
@@ -226,9 +222,7 @@ def test_generator_list_draws_rows_independently():
     both = process.sample(
         fake_model, x_T, 5, sampler="ddpm", generator=[torch.Generator().manual_seed(s) for s in (1, 2)]
     )
-    second = process.sample(
-        fake_model, x_T[1:], 5, sampler="ddpm", generator=[torch.Generator().manual_seed(2)]
-    )
+    second = process.sample(fake_model, x_T[1:], 5, sampler="ddpm", generator=[torch.Generator().manual_seed(2)])
     torch.testing.assert_close(both[1:], second)
 
 

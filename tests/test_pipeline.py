@@ -85,9 +85,7 @@ def test_guidance_is_one_batched_forward_and_follows_the_formula():
     guided = pipe.guided_model_fn(cond, uncond, 4.0)(x, t)
     e_c = pipe.denoiser(x, t, cond.context, cond.pooled)
     e_u = pipe.denoiser(x, t, uncond.context, uncond.pooled)
-    torch.testing.assert_close(
-        guided, e_u + 4.0 * (e_c - e_u), atol=1e-4, rtol=1e-4
-    )  # batch-2 vs batch-1 rounding
+    torch.testing.assert_close(guided, e_u + 4.0 * (e_c - e_u), atol=1e-4, rtol=1e-4)  # batch-2 vs batch-1 rounding
     assert not torch.allclose(e_c, e_u, atol=1e-4)
 
 
@@ -157,9 +155,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, backbone, process, vae)
     assert index["_class_name"] == "Text2ImagePipeline"
     assert index["denoiser"] == type(pipe.denoiser).__name__
     assert index["vae"] == ("AutoencoderKL" if vae else None)
-    files = {
-        p.relative_to(tmp_path / "model").as_posix() for p in (tmp_path / "model").rglob("*") if p.is_file()
-    }
+    files = {p.relative_to(tmp_path / "model").as_posix() for p in (tmp_path / "model").rglob("*") if p.is_file()}
     assert {
         "denoiser/config.json",
         "denoiser/model.safetensors",

@@ -81,8 +81,26 @@ def add_run_flags(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
     flag(g, "--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt (the default)")
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (device lists, tips) out of the user's terminal.
+
+    Lightning sets its loggers to INFO when imported, so this runs after the import.
+    """
+    import warnings
+
+    import lightning  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+
+
 def data_options(args: argparse.Namespace, cache_latents: bool = False):
     from .training import DataOptions
+
+    quiet_lightning()
 
     return DataOptions(
         data=args.data,
@@ -134,7 +152,7 @@ def run_options(args: argparse.Namespace):
 def cmd_data(args: argparse.Namespace) -> None:
     from .data.shapes import ShapesConfig, write_imagefolder
 
-    config = ShapesConfig(image_size=args.size, holdout=tuple(args.holdout))
+    config = ShapesConfig(size=args.size, holdout=tuple(args.holdout))
     path = write_imagefolder(args.out, args.n, config, seed=args.seed)
     print(f"wrote {args.n} images and metadata.jsonl to {path}")
 
@@ -209,6 +227,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    quiet_lightning()
+
     report = run_demo(out=args.out, minutes=args.minutes, backbone=args.backbone, seed=args.seed, n=args.n)
     print(f"report: {report}")
 
@@ -257,7 +277,7 @@ def build_parser() -> Parser:
     add_run_flags(p, lr=1e-3)
     g = p.add_argument_group("model")
     flag(g, "--backbone", choices=["unet", "dit"], default="unet")
-    flag(g, "--model-size", default="small", help="unet: tiny|small|base; dit: tiny|small|DiT-S/2|...")
+    flag(g, "--model-size", default="small", help="unet: tiny|small|medium|base; dit: tiny|small|DiT-S/2|...")
     flag(g, "--scheduler", choices=["ddpm", "flow"], default="ddpm", help="noise process")
     flag(g, "--prediction-type", choices=["epsilon", "x0", "v_prediction"], default="v_prediction")
     flag(g, "--beta-schedule", choices=["linear", "scaled_linear", "cosine"], default="cosine")
@@ -294,8 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
@@ -314,7 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def is_user_error(err: Exception) -> bool:
     from .pipelines import NotAPipelineError
 
-    user_errors = (UsageError, FileNotFoundError, NotADirectoryError, NotAPipelineError, ValueError, ConnectionError)
+    user_errors = (
+        UsageError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        NotAPipelineError,
+        ValueError,
+        ConnectionError,
+    )
     return isinstance(err, user_errors)
 
 

@@ -56,9 +56,7 @@ def randn(
     return out
 
 
-def expand_time(
-    t: torch.Tensor | float | int, batch: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def expand_time(t: torch.Tensor | float | int, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A scalar or (B,) time as a (B,) tensor."""
     t = torch.as_tensor(t, device=device, dtype=dtype)
     return t.expand(batch) if t.ndim == 0 else t

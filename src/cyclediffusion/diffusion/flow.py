@@ -58,9 +58,7 @@ class FlowMatching(Configurable):
         t = broadcast(expand_time(t, x0.shape[0], x0.device, torch.float32), x0)
         return ((1 - t) * x0 + t * noise).to(x0.dtype)
 
-    def target(
-        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float | None = None
-    ) -> torch.Tensor:
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
         """The velocity ``noise - x0`` (the same at every t)."""
         return noise - x0
 

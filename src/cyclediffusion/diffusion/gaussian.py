@@ -131,9 +131,7 @@ class GaussianDiffusion(Configurable):
         return x0, eps
 
     # ----------------------------------------------------------------- training
-    def sample_timesteps(
-        self, batch: int, device: torch.device | str, generator: torch.Generator | None = None
-    ):
+    def sample_timesteps(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None):
         """Uniform integer timesteps in [0, T)."""
         gen_device = generator.device if generator is not None else "cpu"
         t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=gen_device)
@@ -255,6 +253,4 @@ class GaussianDiffusion(Configurable):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         eta = 1.0 if sampler == "ddpm" else eta
-        return self.denoise(
-            model_fn, noise, self.timesteps(num_inference_steps, spacing), eta, generator, callback
-        )
+        return self.denoise(model_fn, noise, self.timesteps(num_inference_steps, spacing), eta, generator, callback)

@@ -41,9 +41,7 @@ def make_betas(
     raise ValueError(f"unknown beta schedule {schedule!r}; choose from {', '.join(BETA_SCHEDULES)}")
 
 
-def spaced_timesteps(
-    num_train: int, num_steps: int, spacing: str = "leading", offset: int = 0
-) -> torch.Tensor:
+def spaced_timesteps(num_train: int, num_steps: int, spacing: str = "leading", offset: int = 0) -> torch.Tensor:
     """Descending integer timesteps for a ``num_steps`` sampler (the spacings of Lin et al. 2023).
 
     ``leading``: 0, k, 2k, ... (k = T // n) plus ``offset``; ``trailing``: T-1 down in steps of T/n,

@@ -47,9 +47,7 @@ DIT_SIZES: dict[str, dict[str, Any]] = {
 """Named sizes: ``DiT-{S,B,L,XL}/{2,4}`` (hidden size, depth, heads and patch size)."""
 
 
-def sincos_pos_embed_2d(
-    dim: int, height: int, width: int, device: torch.device | None = None
-) -> torch.Tensor:
+def sincos_pos_embed_2d(dim: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
     """Fixed (height * width, dim) sin-cos position embedding, row-major; half the features for each axis."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")

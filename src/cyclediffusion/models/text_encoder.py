@@ -68,9 +68,7 @@ class TextEncoder(nn.Module, Configurable):
             TextEncoderBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.layers)
         )
         self.final_norm = nn.LayerNorm(config.width)
-        self.projection = (
-            nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None
-        )
+        self.projection = nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

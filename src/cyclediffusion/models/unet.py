@@ -69,9 +69,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context, context_mask)
         return x + self.ff(self.norm3(x))
@@ -87,9 +85,7 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         for block in self.blocks:

@@ -30,9 +30,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A reparameterised sample ``mean + std * noise``."""
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -75,9 +73,7 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """ResBlocks at one resolution, then an optional resampling layer."""
 
-    def __init__(
-        self, in_channels: int, channels: int, layers: int, groups: int, resample: nn.Module
-    ) -> None:
+    def __init__(self, in_channels: int, channels: int, layers: int, groups: int, resample: nn.Module) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             ResBlock(in_channels if i == 0 else channels, channels, groups=groups) for i in range(layers)

@@ -59,12 +59,9 @@ DEFAULT_PROMPTS = [
 
 UNET_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"block_channels": (32, 64), "layers_per_block": 1, "attention_levels": (False, True)},
-    "small": {"block_channels": (64, 128), "layers_per_block": 2, "attention_levels": (True, True)},
-    "base": {
-        "block_channels": (128, 256, 256),
-        "layers_per_block": 2,
-        "attention_levels": (False, True, True),
-    },
+    "small": {"block_channels": (64, 128), "layers_per_block": 1, "attention_levels": (False, True)},
+    "medium": {"block_channels": (64, 128), "layers_per_block": 2, "attention_levels": (True, True)},
+    "base": {"block_channels": (128, 256, 256), "layers_per_block": 2, "attention_levels": (False, True, True)},
 }
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 1},
@@ -72,8 +69,8 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
     **DIT_SIZES,
 }
 VAE_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"block_channels": (32, 64, 64), "layers_per_block": 1},
-    "small": {"block_channels": (64, 128, 128), "layers_per_block": 1},
+    "tiny": {"block_channels": (16, 32, 64, 64), "layers_per_block": 1},
+    "small": {"block_channels": (32, 64, 128, 128), "layers_per_block": 1},
     "base": {"block_channels": (64, 128, 256, 256), "layers_per_block": 2},
 }
 
@@ -231,7 +228,8 @@ def fit(
 
 
 def write_options(out: Path, **groups: Any) -> None:
-    write_json(out / "options.json", {k: dataclasses.asdict(v) for k, v in groups.items()})
+    as_dict = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in groups.items()}
+    write_json(out / "options.json", as_dict)
 
 
 # --------------------------------------------------------------------------- VAE
@@ -243,9 +241,8 @@ def build_vae(size: str, downsample: int) -> AutoencoderKL:
     if 2 ** (levels - 1) != downsample or levels < 2:
         raise ValueError(f"VAE downsampling must be 2, 4 or 8, got {downsample}")
     spec = dict(VAE_SIZES[size])
-    chans = list(spec.pop("block_channels"))
-    chans = (chans + [chans[-1]] * levels)[:levels]
-    return AutoencoderKL(VAEConfig(block_channels=tuple(chans), norm_groups=32, **spec))
+    chans = spec.pop("block_channels")[:levels]
+    return AutoencoderKL(VAEConfig(block_channels=chans, norm_groups=math.gcd(32, chans[0]), **spec))
 
 
 def train_vae(
