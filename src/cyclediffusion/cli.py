@@ -224,6 +224,32 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {out}" + (f" and {len(images)} single images beside it" if len(images) > 1 else ""))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval import build_suite, evaluate_pipeline
+    from .pipelines import Text2ImagePipeline
+    from .pipelines.storage import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    pipe = Text2ImagePipeline.from_pretrained(model_dir, device=pick_device(args.device))
+    suite = build_suite(per_kind=args.per_kind, held_out=tuple(args.held_out))
+    report = evaluate_pipeline(
+        pipe,
+        suite,
+        samples_per_prompt=args.samples_per_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+    )
+    out = Path(args.out) if args.out else model_dir.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shapes_eval.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    report.save_failure_grid(out / "failures.png")
+    print(report.table())
+    print(f"wrote {out / 'shapes_eval.json'} and {out / 'failures.png'}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -291,6 +317,18 @@ def build_parser() -> Parser:
     flag(g, "--max-length", type=positive_int, default=None, help="token length (default: fit the captions)")
     flag(g, "--sample-prompt", action="append", default=[], help="prompt for the sample grids (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="ShapesEval: does the model draw what the caption says? (offline, exact)")
+    flag(p, "--model", required=True, help="run folder or model folder trained on the shapes world")
+    flag(p, "--samples-per-prompt", type=positive_int, default=4)
+    flag(p, "--per-kind", type=positive_int, default=20, help="prompts per category of the suite")
+    flag(p, "--held-out", action="append", default=[], help="colour-shape pair held out of training")
+    flag(p, "--steps", type=positive_int, default=25)
+    flag(p, "--guidance", type=float, default=3.0)
+    flag(p, "--seed", type=int, default=0)
+    flag(p, "--device", default="auto")
+    flag(p, "--out", default=None, help="folder for shapes_eval.json and failures.png (default: RUN/eval)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate images from a trained model")
     flag(p, "--model", required=True, help="run folder or model folder")

@@ -133,11 +133,21 @@ class MetricsFile(L.Callback):
         self.path = Path(path)
         self.every_n_steps = every_n_steps
         self._start = time.perf_counter()
+        self._written = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or (step % self.every_n_steps and step != 1):
+        if step % self.every_n_steps == 0 or step == 1:
+            self.write(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer)  # the last step, whatever the logging interval
+
+    def write(self, trainer: L.Trainer) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._written:
             return
+        self._written = step
         row = {"step": step, "time": round(time.perf_counter() - self._start, 3)}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         self.path.parent.mkdir(parents=True, exist_ok=True)

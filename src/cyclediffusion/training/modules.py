@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..diffusion import FlowMatching, NoiseProcess
+from ..diffusion import NoiseProcess
 from ..diffusion.base import randn
 from ..models import AutoencoderKL, DiagonalGaussian, TextEncoder
 from ..pipelines import Text2ImagePipeline
@@ -233,7 +233,3 @@ class DiffusionModule(StepModule):
             if mask.any():
                 self.log(f"loss_by_noise/bin{b}", out.loss[mask].mean(), batch_size=int(mask.sum()))
         return loss
-
-
-def is_flow(process: NoiseProcess) -> bool:
-    return isinstance(process, FlowMatching)

@@ -12,6 +12,8 @@ A run folder holds everything::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
@@ -40,7 +42,14 @@ from ..models.vae import VAEConfig, measure_latent_scaling
 from ..pipelines.storage import resolve_model_dir
 from ..text import Tokenizer
 from .callbacks import EMA, Export, MetricsFile, ResumeCheckpoint, SampleGrid, Throughput, export_atomically
-from .data import CachedLatents, collate, encode_latent_parameters, load_captioned_images
+from .data import (
+    CachedLatents,
+    collate,
+    encode_latent_parameters,
+    load_captioned_images,
+    load_latent_cache,
+    save_latent_cache,
+)
 from .modules import DiffusionModule, OptimConfig, VAEModule
 from .sampler import StepBatchSampler, StepIndexed
 
@@ -341,21 +350,31 @@ def prepare_tokenizer(out: Path, captions: list[str], model: ModelOptions) -> To
     return tokenizer
 
 
-def latent_dataset(images, vae: AutoencoderKL, out: Path, device: torch.device) -> CachedLatents:
-    """Encode the images once (posterior mean and logvar); reuse the run's cache when it matches."""
-    from .data import load_latent_cache, save_latent_cache
+def latent_dataset(images, vae: AutoencoderKL, data: DataOptions, out: Path, device: torch.device) -> CachedLatents:
+    """Encode the images once (posterior mean and logvar); reuse the run's cache when it matches.
 
+    The cache is keyed by the VAE's config and weights, the data options and a hash of the captions.
+    """
     path = out / "latents.safetensors"
-    meta = {"vae": str(vae.config), "size": len(images), "image_size": images.image_size}
+    weights = hashlib.sha256()
+    for tensor in vae.state_dict().values():
+        weights.update(tensor.detach().cpu().numpy().tobytes())
+    meta = {
+        "vae": json.dumps(vae.config_dict(), sort_keys=True),
+        "vae_weights": weights.hexdigest(),
+        "data": json.dumps(dataclasses.asdict(data), sort_keys=True),
+        "captions": hashlib.sha256("\n".join(images.captions).encode()).hexdigest(),
+    }
     if path.is_file():
         params, captions, old = load_latent_cache(path)
-        if old == {k: str(v) for k, v in meta.items()} or old == meta:
+        if old == meta:
+            log.info("using the cached latents in %s", path)
             return CachedLatents(params, captions)
     t0 = time.perf_counter()
-    params = encode_latent_parameters(images, vae.to(device), batch_size=128, device=device)
+    params = encode_latent_parameters(images, vae, batch_size=128, device=device)
     log.info("cached %d latents in %.1fs", len(params), time.perf_counter() - t0)
-    save_latent_cache(path, params.cpu(), images.captions, meta)
-    return CachedLatents(params.cpu(), images.captions)
+    save_latent_cache(path, params, images.captions, meta)
+    return CachedLatents(params, images.captions)
 
 
 def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) -> Path:
@@ -388,7 +407,7 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
     dataset: Dataset = images
     if data.cache_latents and vae is not None:
         device = torch.device("cuda" if torch.cuda.is_available() and run.accelerator != "cpu" else "cpu")
-        dataset = latent_dataset(images, vae, out, device)
+        dataset = latent_dataset(images, vae, data, out, device)
     steps = total_steps(run, len(dataset), world_size(run))
     module = DiffusionModule(
         tokenizer,
