@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_pipeline
 from PIL import Image
 
 from cyclediffusion import NotAPipelineError, Text2ImagePipeline
+
+from helpers import tiny_pipeline
 
 
 def randomise(pipe: Text2ImagePipeline, seed: int = 0) -> Text2ImagePipeline:

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cyclediffusion.cli import main
+from cyclediffusion.eval import CATEGORIES
 from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, train_text2image
 from cyclediffusion.training.callbacks import read_metrics
 from cyclediffusion.training.modules import OptimConfig
@@ -190,6 +191,11 @@ def test_cli_train_then_sample_writes_png(tmp_path, monkeypatch):
         cwd=tmp_path,
     )
     assert all((tmp_path / f"grid_{i}.png").is_file() for i in range(4))
+
+    cli("eval", "--model", "run", "--samples-per-prompt", "1", "--steps", "2", "--per-kind", "2", cwd=tmp_path)
+    report = json.loads((tmp_path / "run" / "eval" / "shapes_eval.json").read_text())
+    assert set(report["categories"]) == set(CATEGORIES) and 0 <= report["overall"] <= 1
+    assert (tmp_path / "run" / "eval" / "failures.png").is_file()  # a 4-step model fails most prompts
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,7 @@ import torch
 
 from cyclediffusion.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, measure_latent_scaling
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and two threads on busy cores can be 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae(block_channels: tuple[int, ...] = (16, 32, 32), **overrides) -> AutoencoderKL:

@@ -32,6 +32,38 @@ class TrainingLoss:
     level: torch.Tensor
 
 
+class NoiseProcessBase:
+    """The training loss every noise process shares; subclasses define the path and its target.
+
+    A subclass provides ``sample_timesteps``, ``add_noise``, ``target``, ``model_time`` and
+    ``noise_level``, and may weight the per-sample loss with ``loss_weight``.
+    """
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights, or None for uniform weighting."""
+        return None
+
+    def training_loss(
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrainingLoss:
+        """Noise ``x0`` at random times and regress the process's target (per-sample MSE, weighted)."""
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        prediction = model_fn(self.add_noise(x0, noise, t), self.model_time(t))
+        loss = mean_flat((prediction.float() - self.target(x0, noise, t).float()) ** 2)
+        weight = self.loss_weight(t)
+        if weight is not None:
+            loss = loss * weight
+        return TrainingLoss(loss=loss, level=self.noise_level(t))
+
+
 def randn(
     shape: Sequence[int],
     generator: Generator = None,

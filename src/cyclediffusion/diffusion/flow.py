@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Configurable
-from .base import Generator, ModelFn, StepCallback, TrainingLoss, broadcast, expand_time, mean_flat, randn
+from .base import Generator, ModelFn, NoiseProcessBase, StepCallback, broadcast, expand_time
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun")
@@ -39,7 +39,7 @@ class FlowConfig:
             raise ValueError(f"shift must be positive, got {self.shift}")
 
 
-class FlowMatching(Configurable):
+class FlowMatching(NoiseProcessBase, Configurable):
     """Owns the flow-matching path, the velocity loss and the Euler / Heun samplers."""
 
     config_class = FlowConfig
@@ -79,22 +79,9 @@ class FlowMatching(Configurable):
             t = torch.sigmoid(self.config.logit_mean + self.config.logit_std * z)
         return t.to(device)
 
-    def training_loss(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> TrainingLoss:
-        """Regress the velocity at random points of the path (per-sample MSE)."""
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        if noise is None:
-            noise = randn(x0.shape, generator, x0.device, x0.dtype)
-        prediction = model_fn(self.add_noise(x0, noise, t), self.model_time(t))
-        loss = mean_flat((prediction.float() - self.target(x0, noise).float()) ** 2)
-        return TrainingLoss(loss=loss, level=t.float())
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """The path time itself (0 = data, 1 = noise)."""
+        return t.float()
 
     def times(self, num_inference_steps: int) -> torch.Tensor:
         """``num_inference_steps + 1`` descending times from 1 to 0, shifted by ``config.shift``."""

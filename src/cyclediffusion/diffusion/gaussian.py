@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Configurable
-from .base import Generator, ModelFn, StepCallback, TrainingLoss, broadcast, expand_time, mean_flat, randn
+from .base import Generator, ModelFn, NoiseProcessBase, StepCallback, broadcast, expand_time, randn
 from .schedules import BETA_SCHEDULES, SPACINGS, make_betas, spaced_timesteps
 
 PREDICTION_TYPES = ("epsilon", "x0", "v_prediction")
@@ -52,7 +52,7 @@ class GaussianConfig:
             raise ValueError(f"unknown timestep spacing {self.timestep_spacing!r}; choose from {SPACINGS}")
 
 
-class GaussianDiffusion(Configurable):
+class GaussianDiffusion(NoiseProcessBase, Configurable):
     """Owns the schedule, the training target and loss, and the DDIM / ancestral DDPM samplers."""
 
     config_class = GaussianConfig
@@ -150,26 +150,9 @@ class GaussianDiffusion(Configurable):
             return clipped
         return clipped / (snr + 1)
 
-    def training_loss(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> TrainingLoss:
-        """Noise ``x0`` at random timesteps and regress the configured target (per-sample MSE)."""
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        if noise is None:
-            noise = randn(x0.shape, generator, x0.device, x0.dtype)
-        x_t = self.add_noise(x0, noise, t)
-        prediction = model_fn(x_t, self.model_time(t))
-        loss = mean_flat((prediction.float() - self.target(x0, noise, t).float()) ** 2)
-        weight = self.loss_weight(t)
-        if weight is not None:
-            loss = loss * weight
-        return TrainingLoss(loss=loss, level=t.float() / (self.num_train_timesteps - 1))
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """Timesteps as a fraction of the schedule, in [0, 1]."""
+        return t.float() / (self.num_train_timesteps - 1)
 
     # ----------------------------------------------------------------- sampling
     def timesteps(self, num_inference_steps: int, spacing: str | None = None) -> torch.Tensor:

@@ -167,7 +167,7 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
 
 
 class Throughput(L.Callback):
-    """Logs images per second (global batch over wall time of the optimiser step)."""
+    """Logs images per second: images of one micro-batch (all ranks) over its wall time."""
 
     def __init__(self, global_batch: int) -> None:
         self.global_batch = global_batch

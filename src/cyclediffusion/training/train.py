@@ -208,7 +208,7 @@ def fit(
     ema = [EMA(run.ema_decay)] if run.ema_decay else []
     # ResumeCheckpoint must come before EMA: on train end it saves before EMA swaps its weights in.
     all_callbacks = [ResumeCheckpoint(out / "checkpoints", run.checkpoint_every), *ema, *callbacks]
-    all_callbacks.append(Throughput(run.batch_size * world_size(run) * run.accumulate))
+    all_callbacks.append(Throughput(run.batch_size * world_size(run)))  # images per micro-batch
     all_callbacks.append(MetricsFile(out / "logs" / "metrics.jsonl", run.log_every))
     trainer = L.Trainer(
         max_steps=steps if steps is not None else -1,
