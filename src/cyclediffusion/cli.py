@@ -255,7 +255,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     quiet_lightning()
 
-    report = run_demo(out=args.out, minutes=args.minutes, backbone=args.backbone, seed=args.seed, n=args.n)
+    report = run_demo(
+        out=args.out, minutes=args.minutes, backbone=args.backbone, model_size=args.model_size, lr=args.lr,
+        seed=args.seed, n=args.n,
+    )
     print(f"report: {report}")
 
 
@@ -277,6 +280,8 @@ def build_parser() -> Parser:
     flag(p, "--out", default="runs/demo")
     flag(p, "--minutes", type=float, default=10.0, help="total budget (default 10)")
     flag(p, "--backbone", choices=["unet", "dit"], default="unet")
+    flag(p, "--model-size", default="small", help="denoiser size (see train --model-size)")
+    flag(p, "--lr", type=float, default=1e-3)
     flag(p, "--n", type=positive_int, default=20000, help="number of training images")
     flag(p, "--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

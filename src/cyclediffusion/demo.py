@@ -6,6 +6,7 @@ when present. The run folder holds the exported models, logs, the grid and ``rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ log = logging.getLogger("cyclediffusion")
 GRID_COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 GRID_SHAPES = ("circle", "square", "triangle")
 IMAGE_SIZE = 32
+DEMO_WORLD = ShapesConfig(size=IMAGE_SIZE)
 GUIDANCE = 2.0  # a 10-minute model is best followed with mild guidance (ShapesEval: 1.5-2 beats 3-8)
 
 
@@ -37,6 +39,8 @@ def run_demo(
     out: str | Path = "runs/demo",
     minutes: float = 10.0,
     backbone: str = "unet",
+    model_size: str = "small",
+    lr: float = 1e-3,
     seed: int = 0,
     n: int = 20000,
     samples_per_prompt: int = 2,
@@ -58,10 +62,13 @@ def run_demo(
         shutil.rmtree(out / stale, ignore_errors=True)
     t0 = time.perf_counter()
     data = out / "data"
-    meta = data / "metadata.jsonl"
-    if not meta.is_file() or len(meta.read_text().splitlines()) != n:
+    world = json.loads(json.dumps({"n": n, "seed": seed, **dataclasses.asdict(DEMO_WORLD)}))  # JSON-normal form
+    stamp = data / "world.json"
+    if not (data / "metadata.jsonl").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != world:
         log.info("demo: writing %d captioned shapes to %s", n, data)
-        write_imagefolder(data, n, ShapesConfig(size=IMAGE_SIZE), seed=seed, num_workers=2, overwrite=True)
+        stamp.unlink(missing_ok=True)
+        write_imagefolder(data, n, DEMO_WORLD, seed=seed, num_workers=2, overwrite=True)
+        stamp.write_text(json.dumps(world))
     timings["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -89,7 +96,7 @@ def run_demo(
     t0 = time.perf_counter()
     budget = (deadline - time.perf_counter()) / 60 - 1.0  # start-up, latent caching, sampling, report
     log.info("demo: training the text-to-image %s (%.1f min)", backbone, budget)
-    model = ModelOptions(backbone=backbone, model_size="small", vae=str(out / "vae"), sample_prompts=demo_prompts())
+    model = ModelOptions(backbone=backbone, model_size=model_size, vae=str(out / "vae"), sample_prompts=demo_prompts())
     train_text2image(
         DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True),
         RunOptions(
@@ -97,7 +104,7 @@ def run_demo(
             minutes=max(budget, 0.5),
             steps=max_steps[1],
             batch_size=64,
-            lr=1e-3,
+            lr=lr,
             warmup=100,
             precision=precision,
             seed=seed,

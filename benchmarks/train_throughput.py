@@ -1,0 +1,212 @@
+"""Training throughput and MFU: our U-Net and DiT against diffusers' UNet2DConditionModel, in one run.
+
+    python benchmarks/train_throughput.py            # demo size (8x8x4 latents) and a larger size (16x16x4)
+    python benchmarks/train_throughput.py --quick    # a few steps, for the test that keeps this script working
+
+For each model and precision it prints images/s of a full training step (forward, backward, AdamW), the FLOPs
+of that step (torch.utils.flop_counter, with a formula for CPU attention, which torch counts as 0) and the
+model FLOP utilisation against a matmul peak measured on the same machine in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cyclediffusion.models import DiT, DiTConfig, UNet, UNetConfig
+
+CONTEXT, TOKENS = 128, 16
+
+
+def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """2 matmuls of (s_q x d) by (d x s_k) and (s_q x s_k) by (s_k x d_v), per batch and head."""
+    b, h, s_q, d = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * (d + d_v)
+
+
+def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return 2 * attention_flops(query_shape, key_shape, value_shape)
+
+
+def flop_mapping() -> dict:
+    aten = torch.ops.aten
+    mapping = {}
+    for name, fn in (
+        ("_scaled_dot_product_flash_attention_for_cpu", attention_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", attention_backward_flops),
+    ):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = fn
+    return mapping
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours_unet(size: int, spec: dict) -> torch.nn.Module:
+    return UNet(
+        UNetConfig(in_channels=4, out_channels=4, sample_size=size, context_dim=CONTEXT, pooled_dim=CONTEXT, **spec)
+    )
+
+
+def ours_dit(size: int, spec: dict) -> torch.nn.Module:
+    return DiT(
+        DiTConfig(in_channels=4, out_channels=4, sample_size=size, context_dim=CONTEXT, pooled_dim=CONTEXT, **spec)
+    )
+
+
+def diffusers_unet(size: int, channels: tuple[int, ...], layers: int) -> torch.nn.Module | None:
+    """diffusers' UNet2DConditionModel with our U-Net's channels, depth and attention levels."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        return None
+    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(channels) - 1)
+    up = ["CrossAttnUpBlock2D"] * (len(channels) - 1) + ["UpBlock2D"]
+    net = UNet2DConditionModel(
+        sample_size=size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=layers,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        cross_attention_dim=CONTEXT,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, context, pooled):
+            return self.net(x, t, encoder_hidden_states=context).sample
+
+    return Wrapped()
+
+
+def measure(model: torch.nn.Module, size: int, batch: int, steps: int, precision: str, device: str):
+    """(images/s, FLOPs per training step) of forward + backward + AdamW."""
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 4, size, size, device=device)
+    t = torch.rand(batch, device=device) * 1000
+    context = torch.randn(batch, TOKENS, CONTEXT, device=device)
+    pooled = torch.randn(batch, CONTEXT, device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def step() -> None:
+        with torch.autocast(device, dtype=dtype, enabled=precision == "bf16"):
+            loss = model(x, t, context, pooled).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - t0), flops
+
+
+def rows(quick: bool) -> list[tuple[str, int, Callable[[], torch.nn.Module | None]]]:
+    demo_unet = {"block_channels": (64, 128), "layers_per_block": 1, "attention_levels": (False, True)}
+    large_unet = {"block_channels": (128, 256, 256), "layers_per_block": 2, "attention_levels": (False, True, True)}
+    sizes = [("demo", 8, demo_unet, {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 1})]
+    if not quick:
+        sizes.append(("large", 16, large_unet, {"hidden_size": 384, "depth": 12, "num_heads": 6, "patch_size": 2}))
+    out = []
+    for label, size, unet_spec, dit_spec in sizes:
+        out.append((f"ours U-Net ({label})", size, lambda s=size, u=unet_spec: ours_unet(s, u)))
+        out.append(
+            (
+                f"diffusers UNet2DConditionModel ({label})",
+                size,
+                lambda s=size, u=unet_spec: diffusers_unet(s, u["block_channels"], u["layers_per_block"]),
+            )
+        )
+        out.append((f"ours DiT ({label})", size, lambda s=size, d=dit_spec: ours_dit(s, d)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two timed steps, demo size only")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--precision", default="32,bf16", help="comma-separated: 32, bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    steps = 2 if args.quick else args.steps
+    batch = 8 if args.quick else args.batch_size
+    precisions = args.precision.split(",")
+    torch.manual_seed(0)
+
+    peaks = {
+        p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32, args.device, 512 if args.quick else 2048)
+        for p in precisions
+    }
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"device {args.device}; torch {torch.__version__}"
+    )
+    print("matmul peak: " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()))
+    print(f"batch {batch}, {steps} timed steps, training step = forward + backward + AdamW\n")
+    print("| model | latent | params (M) | precision | images/s | GFLOP/image | GFLOP/s | MFU |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    speed: dict[tuple[str, str], float] = {}
+    for name, size, build in rows(args.quick):
+        model = build()
+        if model is None:
+            print(f"| {name} | skipped (diffusers not installed) | | | | | | |")
+            continue
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        for precision in precisions:
+            ips, flops = measure(model, size, batch, steps, precision, args.device)
+            achieved = ips * flops / batch / 1e9
+            speed[(name, precision)] = ips
+            print(
+                f"| {name} | {size}x{size}x4 | {params:.2f} | {precision} | {ips:.1f} | {flops / batch / 1e9:.3f} "
+                f"| {achieved:.1f} | {achieved / peaks[precision]:.1%} |"
+            )
+    print()
+    for (name, precision), ips in speed.items():
+        if name.startswith("ours U-Net"):
+            label = name[len("ours U-Net ") :]
+            theirs = speed.get((f"diffusers UNet2DConditionModel {label}", precision))
+            if theirs:
+                print(f"U-Net speed ratio ours / diffusers {label}, {precision}: {ips / theirs:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
