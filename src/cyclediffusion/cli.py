@@ -256,8 +256,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     quiet_lightning()
 
     report = run_demo(
-        out=args.out, minutes=args.minutes, backbone=args.backbone, model_size=args.model_size, lr=args.lr,
-        seed=args.seed, n=args.n,
+        out=args.out,
+        minutes=args.minutes,
+        backbone=args.backbone,
+        model_size=args.model_size,
+        lr=args.lr,
+        seed=args.seed,
+        n=args.n,
     )
     print(f"report: {report}")
 
