@@ -117,3 +117,56 @@ def two_caption_world(size: int = 16) -> tuple[torch.Tensor, list[str]]:
             images.append(image)
             captions.append(caption)
     return torch.stack(images), captions
+
+
+# ---------------------------------------------------------------- the denoiser interface (U-Net and DiT)
+CONTEXT_DIM, POOLED_DIM, TOKENS = 16, 12, 5
+
+
+def tiny_unet(seed: int = 0, **overrides) -> UNet:
+    """A two-level U-Net with attention on the lower level and the zero-initialised layers randomised."""
+    torch.manual_seed(seed)
+    config = dict(
+        in_channels=4,
+        out_channels=4,
+        sample_size=8,
+        block_channels=(16, 32),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        head_dim=8,
+        norm_groups=8,
+        context_dim=CONTEXT_DIM,
+    )
+    model = UNet(UNetConfig(**{**config, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+def tiny_dit(seed: int = 0, randomise: bool = True, **overrides) -> DiT:
+    """A two-block DiT; with ``randomise`` its zero-initialised layers get random values."""
+    torch.manual_seed(seed)
+    config = dict(sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=CONTEXT_DIM)
+    model = DiT(DiTConfig(**{**config, **overrides}))
+    if randomise:
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(std=0.1)
+    return model.eval()
+
+
+def inputs(batch: int, size: tuple[int, int] = (8, 8), seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, *size, generator=g)
+    t = torch.rand(batch, generator=g) * 1000
+    context = torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g)
+    pooled = torch.randn(batch, POOLED_DIM, generator=g)
+    return x, t, context, pooled
+
+
+def denoiser(backbone: str, **overrides) -> UNet | DiT:
+    """``tiny_unet`` or ``tiny_dit`` (zero-initialised layers randomised)."""
+    return tiny_unet(**overrides) if backbone == "unet" else tiny_dit(**overrides)

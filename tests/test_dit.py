@@ -5,31 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclediffusion.models.dit import DIT_SIZES, DiT, DiTConfig, sincos_pos_embed_2d
+from cyclediffusion.models.dit import DIT_SIZES, DiT, sincos_pos_embed_2d
 
-CONTEXT_DIM, POOLED_DIM, TOKENS = 16, 12, 5
-
-
-def tiny_dit(seed: int = 0, randomise: bool = True, **overrides) -> DiT:
-    """A two-block DiT; with ``randomise`` its zero-initialised layers get random values."""
-    torch.manual_seed(seed)
-    config = dict(sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=CONTEXT_DIM)
-    model = DiT(DiTConfig(**{**config, **overrides}))
-    if randomise:
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.any():
-                    p.normal_(std=0.1)
-    return model.eval()
-
-
-def inputs(batch: int, size: tuple[int, int] = (8, 8), seed: int = 1) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, *size, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    context = torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g)
-    pooled = torch.randn(batch, POOLED_DIM, generator=g)
-    return x, t, context, pooled
+from helpers import CONTEXT_DIM, POOLED_DIM, inputs, tiny_dit
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -86,59 +64,6 @@ def test_bfloat16() -> None:
     model = model.to(torch.bfloat16)
     out = model(torch.randn(1, 4, 12, 8, dtype=torch.bfloat16), t[:1], context[:1].bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-
-
-def test_depends_on_context_time_and_pooled() -> None:
-    model = tiny_dit(pooled_dim=POOLED_DIM)
-    x, t, context, pooled = inputs(2)
-    with torch.no_grad():
-        out = model(x, t, context, pooled)
-        assert not torch.allclose(out, model(x, t, torch.randn_like(context), pooled))
-        assert not torch.allclose(out, model(x, t + 100, context, pooled))
-        assert not torch.allclose(out, model(x, t, context, torch.randn_like(pooled)))
-    with pytest.raises(ValueError, match="pooled"):
-        model(x, t, context)
-
-
-def test_batch_independence() -> None:
-    model = tiny_dit(pooled_dim=POOLED_DIM)
-    x, t, context, pooled = inputs(3)
-    with torch.no_grad():
-        full = model(x, t, context, pooled)
-        for i in range(3):
-            one = model(x[i : i + 1], t[i : i + 1], context[i : i + 1], pooled[i : i + 1])
-            assert torch.allclose(full[i : i + 1], one, atol=1e-5)
-
-
-def test_context_mask() -> None:
-    model = tiny_dit()
-    x, t, context, _ = inputs(2)
-    mask = torch.ones(2, TOKENS, dtype=torch.bool)
-    mask[:, 3] = False
-    changed = context.clone()
-    changed[:, 3] = torch.randn(2, CONTEXT_DIM) * 10
-    with torch.no_grad():
-        out = model(x, t, context, context_mask=mask)
-        assert torch.allclose(out, model(x, t, changed, context_mask=mask), atol=1e-6)
-        assert not torch.allclose(out, model(x, t, changed))
-
-
-def test_save_and_load(tmp_path) -> None:
-    model = tiny_dit(pooled_dim=POOLED_DIM)
-    model.save_pretrained(tmp_path / "dit")
-    loaded = DiT.from_pretrained(tmp_path / "dit")
-    assert loaded.config == model.config
-    x, t, context, pooled = inputs(2)
-    with torch.no_grad():
-        assert torch.equal(model(x, t, context, pooled), loaded(x, t, context, pooled))
-
-
-def test_every_parameter_gets_gradient() -> None:
-    model = tiny_dit(pooled_dim=POOLED_DIM).train()
-    x, t, context, pooled = inputs(2)
-    model(x, t, context, pooled).square().mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
-    assert not missing
 
 
 def test_named_sizes() -> None:

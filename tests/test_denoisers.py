@@ -1,0 +1,66 @@
+"""The denoiser interface shared by the U-Net and the DiT: conditioning, batching, masking, storage, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import CONTEXT_DIM, POOLED_DIM, TOKENS, denoiser, inputs
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_depends_on_context_time_and_pooled(backbone: str) -> None:
+    model = denoiser(backbone, pooled_dim=POOLED_DIM)
+    x, t, context, pooled = inputs(2)
+    with torch.no_grad():
+        out = model(x, t, context, pooled)
+        assert not torch.allclose(out, model(x, t, torch.randn_like(context), pooled))
+        assert not torch.allclose(out, model(x, t + 100, context, pooled))
+        assert not torch.allclose(out, model(x, t, context, torch.randn_like(pooled)))
+    with pytest.raises(ValueError, match="pooled"):
+        model(x, t, context)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_batch_independence(backbone: str) -> None:
+    model = denoiser(backbone, pooled_dim=POOLED_DIM)
+    x, t, context, pooled = inputs(3)
+    with torch.no_grad():
+        full = model(x, t, context, pooled)
+        for i in range(3):
+            one = model(x[i : i + 1], t[i : i + 1], context[i : i + 1], pooled[i : i + 1])
+            assert torch.allclose(full[i : i + 1], one, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_context_mask(backbone: str) -> None:
+    model = denoiser(backbone)
+    x, t, context, _ = inputs(2)
+    mask = torch.ones(2, TOKENS, dtype=torch.bool)
+    mask[:, 3] = False
+    changed = context.clone()
+    changed[:, 3] = torch.randn(2, CONTEXT_DIM) * 10
+    with torch.no_grad():
+        out = model(x, t, context, context_mask=mask)
+        assert torch.allclose(out, model(x, t, changed, context_mask=mask), atol=1e-6)
+        assert not torch.allclose(out, model(x, t, changed))
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_save_and_load(backbone: str, tmp_path) -> None:
+    model = denoiser(backbone, pooled_dim=POOLED_DIM)
+    model.save_pretrained(tmp_path / backbone)
+    loaded = type(model).from_pretrained(tmp_path / backbone)
+    assert loaded.config == model.config
+    x, t, context, pooled = inputs(2)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, context, pooled), loaded(x, t, context, pooled))
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_every_parameter_gets_gradient(backbone: str) -> None:
+    model = denoiser(backbone, pooled_dim=POOLED_DIM).train()
+    x, t, context, pooled = inputs(2)
+    model(x, t, context, pooled).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
