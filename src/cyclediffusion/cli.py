@@ -120,8 +120,6 @@ def run_options(args: argparse.Namespace):
 
     if args.resume and args.no_resume:
         raise UsageError("--resume and --no-resume contradict each other")
-    if not (args.steps or args.epochs or args.minutes):
-        raise UsageError("give the length of the run: --steps, --epochs or --minutes")
     return RunOptions(
         out=args.out,
         steps=args.steps,

@@ -184,7 +184,10 @@ class AutoencoderKL(nn.Module, Configurable):
     ) -> torch.Tensor:
         """Diffusion latents ``(z - shift_factor) * scaling_factor``; z is the mean if not ``sample``."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior samples to diffusion latents: ``(z - shift_factor) * scaling_factor``."""
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,6 @@ class EMA(WeightAveraging):
         super().__init__(avg_fn=ema_avg_fn(decay), use_buffers=True)
         self.decay = decay
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._copy_average_to_current(pl_module)
-
     def averaged(self) -> L.LightningModule | None:
         return None if self._average_model is None else self._average_model.module
 

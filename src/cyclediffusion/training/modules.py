@@ -194,15 +194,7 @@ class DiffusionModule(StepModule):
         else:
             return batch["pixels"]
         z = posterior.mean + posterior.std * self.draw_normal(g, posterior.mean.shape)
-        return ((z - self.vae_shift) * self.vae_scale).float()
-
-    @property
-    def vae_scale(self) -> float:
-        return self.vae.config.scaling_factor if self.vae is not None else 1.0
-
-    @property
-    def vae_shift(self) -> float:
-        return self.vae.config.shift_factor if self.vae is not None else 0.0
+        return self.vae.scale_latents(z).float()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = int(batch["step"][0])

@@ -127,6 +127,10 @@ class RunOptions:
     resume: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if not (self.steps or self.epochs or self.minutes):
+            raise ValueError("give the length of the run: --steps, --epochs or --minutes")
+
 
 @dataclass
 class ModelOptions:
@@ -157,9 +161,7 @@ def total_steps(run: RunOptions, dataset_size: int, world: int) -> int | None:
     if run.epochs:
         per_epoch = dataset_size // (run.batch_size * world * run.accumulate)
         return max(1, math.ceil(run.epochs * per_epoch))
-    if run.minutes:
-        return None
-    raise ValueError("give the length of the run: --steps, --epochs or --minutes")
+    return None
 
 
 def world_size(run: RunOptions) -> int:
