@@ -11,11 +11,11 @@ model FLOP utilisation against a matmul peak measured on the same machine in the
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections.abc import Callable
 
 import torch
+from common import machine_line, sync, versions_line
 from torch.utils.flop_counter import FlopCounterMode
 
 from cyclediffusion.models import DiT, DiTConfig, UNet, UNetConfig
@@ -58,11 +58,6 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
         sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def ours_unet(size: int, spec: dict) -> torch.nn.Module:
@@ -176,10 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32, args.device, 512 if args.quick else 2048)
         for p in precisions
     }
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"device {args.device}; torch {torch.__version__}"
-    )
+    print(machine_line(args.device))
+    print(versions_line())
     print("matmul peak: " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()))
     print(f"batch {batch}, {steps} timed steps, training step = forward + backward + AdamW\n")
     print("| model | latent | params (M) | precision | images/s | GFLOP/image | GFLOP/s | MFU |")

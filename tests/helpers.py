@@ -119,6 +119,53 @@ def two_caption_world(size: int = 16) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), captions
 
 
+def train(
+    pipe, images, captions, steps: int, lr: float, seed: int = 0, batch_size: int | None = None
+) -> tuple[float, float]:
+    """Train in place (full batch, or random batches of ``batch_size``); return the loss on a fixed evaluation
+    batch before and after."""
+    torch.manual_seed(seed)
+    process, denoiser, encoder = pipe.noise_process, pipe.denoiser, pipe.text_encoder
+    ids = pipe.tokenizer(captions).input_ids
+    empty = pipe.tokenizer([""]).input_ids
+
+    def loss_on(x0, ids, noise=None, t=None, generator=None):
+        text = encoder(ids)
+
+        def model_fn(x, s):
+            return denoiser(x, s, text.hidden_states, text.pooled)
+
+        return process.training_loss(model_fn, x0, noise=noise, t=t, generator=generator).loss.mean()
+
+    g = torch.Generator().manual_seed(123)
+    eval_noise = torch.randn(images.shape, generator=g)
+    eval_t = (
+        torch.linspace(50, 950, len(images)).long()
+        if hasattr(process, "alphas_cumprod")
+        else torch.linspace(0.05, 0.95, len(images))
+    )
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(loss_on(images, ids, eval_noise, eval_t))
+
+    before = evaluate()
+    params = list(denoiser.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    denoiser.train(), encoder.train()
+    for _ in range(steps):
+        rows = torch.randperm(len(images))[:batch_size] if batch_size else torch.arange(len(images))
+        drop = torch.rand(len(rows)) < 0.1
+        batch_ids = torch.where(drop[:, None], empty.expand(len(rows), -1), ids[rows])
+        loss = loss_on(images[rows], batch_ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    denoiser.eval(), encoder.eval()
+    return before, evaluate()
+
+
 # ---------------------------------------------------------------- the denoiser interface (U-Net and DiT)
 CONTEXT_DIM, POOLED_DIM, TOKENS = 16, 12, 5
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helpers (common.py) as a sibling
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,3 +39,40 @@ def test_train_throughput_quick(capsys):
 def test_attention_flops_formula():
     bench = load("train_throughput")
     assert bench.attention_flops((2, 4, 16, 8), (2, 4, 10, 8), (2, 4, 10, 8)) == 2 * 2 * 4 * 16 * 10 * 16
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """The cells of the printed Markdown table's data rows (those starting with a number)."""
+    rows = [line for line in out.splitlines() if re.match(r"\| [\d.]+ \|", line)]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sampling_latency_quick(capsys):
+    load("sampling_latency").main(["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "\nversions: python " in out and "torch " in out
+    assert "process peak RSS" in out and "U-Net 'tiny'" in out
+    rows = table_rows(out)
+    assert [(int(r[0]), int(r[1]), float(r[2])) for r in rows] == [(1, 2, 1.0), (1, 2, 2.0)]
+    for row in rows:
+        seconds, ms_per_image, per_second = float(row[3]), float(row[4]), float(row[5])
+        assert all(math.isfinite(v) and v > 0 for v in (seconds, ms_per_image, per_second))
+        peak, raised = re.fullmatch(r"(\d+) \(\+(\d+)\)", row[6]).groups()
+        assert int(peak) > 0 and int(raised) >= 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quality_per_compute_quick(capsys, tmp_path):
+    load("quality_per_compute").main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "ShapesEval: " in out
+    header = next(line for line in out.splitlines() if line.startswith("| minutes"))
+    assert [c.strip() for c in header.strip("|").split("|")][:4] == ["minutes", "steps", "overall", "colour"]
+    rows = table_rows(out)
+    assert [float(r[0]) for r in rows] == [0.03, 0.06]
+    for row in rows:
+        assert int(row[1]) >= 1
+        assert all(math.isfinite(float(v)) and 0 <= float(v) <= 1 for v in row[2:])
+    saved = json.loads((tmp_path / "quality_per_compute.json").read_text())
+    assert [r["steps"] for r in saved] == [int(r[1]) for r in rows] and saved[0]["train_seconds"] > 0

@@ -21,6 +21,8 @@ from .diffusion import (  # noqa: E402
 from .models import (  # noqa: E402
     DIT_SIZES,
     AutoencoderKL,
+    Captioner,
+    CaptionerConfig,
     DiT,
     DiTConfig,
     TextEncoder,
@@ -29,12 +31,23 @@ from .models import (  # noqa: E402
     UNetConfig,
     VAEConfig,
 )
-from .pipelines import ImagePipelineOutput, NotAPipelineError, Text2ImagePipeline  # noqa: E402
+from .pipelines import (  # noqa: E402
+    CaptionPipeline,
+    CycleDiffusionPipeline,
+    ImagePipelineOutput,
+    NotAPipelineError,
+    Text2ImagePipeline,
+    translate,
+)
 from .text import Tokenizer  # noqa: E402
 
 __all__ = [
     "DIT_SIZES",
     "AutoencoderKL",
+    "CaptionPipeline",
+    "Captioner",
+    "CaptionerConfig",
+    "CycleDiffusionPipeline",
     "DiT",
     "DiTConfig",
     "FlowConfig",
@@ -52,4 +65,5 @@ __all__ = [
     "VAEConfig",
     "__version__",
     "create_noise_process",
+    "translate",
 ]

@@ -185,9 +185,59 @@ def cmd_train(args: argparse.Namespace) -> None:
         vocab_size=args.vocab_size,
         max_length=args.max_length,
         **({"sample_prompts": args.sample_prompt} if args.sample_prompt else {}),
+        init_from=args.init_from,
+        captioner=args.captioner,
+        cycle=cycle_config(args),
     )
     path = train_text2image(data_options(args, cache_latents=args.cache_latents), run_options(args), model)
     print(f"model exported to {path}")
+
+
+def cycle_config(args: argparse.Namespace):
+    from .training import CycleConfig
+
+    names = ("weight", "t_max", "every", "fraction", "mode")
+    given = {name: getattr(args, f"cycle_{name}") for name in names if getattr(args, f"cycle_{name}") is not None}
+    if given and not args.captioner:
+        raise UsageError("the --cycle-* flags need --captioner")
+    return CycleConfig(**given)
+
+
+def cmd_train_captioner(args: argparse.Namespace) -> None:
+    from .training import CaptionerOptions, train_captioner
+
+    options = CaptionerOptions(
+        size=args.captioner_size,
+        patch_size=args.patch_size,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        max_length=args.max_length,
+        holdout=args.holdout,
+        num_beams=args.beams,
+    )
+    path = train_captioner(data_options(args), run_options(args), options)
+    print(f"captioner exported to {path}")
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from .pipelines.caption import CaptionPipeline
+    from .pipelines.storage import resolve_model_dir
+
+    pipe = CaptionPipeline.from_pretrained(resolve_model_dir(args.model), device=pick_device(args.device))
+    images = []
+    for path in args.image:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image {path} not found")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except UnidentifiedImageError as err:
+            raise ValueError(f"{path} is not an image PIL can read") from err
+    captions = pipe(images, num_beams=args.beams, max_length=args.max_length).captions
+    for path, caption in zip(args.image, captions):
+        print(caption if len(captions) == 1 else f"{path}: {caption}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -246,6 +296,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report.save_failure_grid(out / "failures.png")
     print(report.table())
     print(f"wrote {out / 'shapes_eval.json'} and {out / 'failures.png'}")
+
+
+def cmd_eval_vae(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval import evaluate_vae, find_vae_dir, holdout_subset, load_vae
+
+    if not 0 < args.holdout <= 1:
+        raise UsageError(f"--holdout must be in (0, 1], got {args.holdout}")
+    vae_dir = find_vae_dir(args.model)
+    vae = load_vae(vae_dir, device=pick_device(args.device))
+    if args.image_size % vae.downsample_factor:
+        raise UsageError(f"--image-size {args.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
+    options = data_options(args)
+
+    from .training.data import load_captioned_images  # after data_options: it quiets Lightning
+
+    images = load_captioned_images(
+        options.data,
+        options.image_size,
+        split=options.split,
+        cache_dir=options.cache_dir,
+        subset_size=options.subset_size,
+        caption_column=options.caption_column,
+        image_column=options.image_column,
+    )
+    report = evaluate_vae(vae, holdout_subset(images, args.holdout), batch_size=args.batch_size, seed=args.seed)
+    in_pipeline = vae_dir.name == "vae" and (vae_dir.parent / "model_index.json").is_file()
+    out = Path(args.out) if args.out else (vae_dir.parent.parent if in_pipeline else vae_dir.parent) / "eval"
+    out = out if out.suffix == ".json" else out / "vae_eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(vae_dir), "data": options.data, **report.to_json()}, indent=2) + "\n")
+    print(report.table())
+    print(f"wrote {out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -324,7 +408,36 @@ def build_parser() -> Parser:
     flag(g, "--vocab-size", type=positive_int, default=1024)
     flag(g, "--max-length", type=positive_int, default=None, help="token length (default: fit the captions)")
     flag(g, "--sample-prompt", action="append", default=[], help="prompt for the sample grids (repeatable)")
+    flag(g, "--init-from", default=None, help="start from an exported pipeline (run or model folder): fine-tuning")
+    g = p.add_argument_group("cycle loss (a frozen captioner reads the caption back from the one-step x0 estimate)")
+    flag(g, "--captioner", default=None, help="trained captioner (train-captioner run or model folder)")
+    flag(g, "--cycle-weight", type=float, default=None, help="weight of the captioner's loss (default 0.1)")
+    flag(g, "--cycle-t-max", type=float, default=None, help="noise below this time (ddpm: T/5 steps, flow: 0.2)")
+    flag(g, "--cycle-every", type=positive_int, default=None, help="add the term every K optimiser steps")
+    flag(g, "--cycle-fraction", type=float, default=None, help="share of the batch given the term (default 0.25)")
+    flag(g, "--cycle-mode", choices=["x0"], default=None, help="x0: one-step estimate at low noise")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-captioner", help="train an image captioner (for the cycle loss, or on its own)")
+    add_data_flags(p)
+    add_run_flags(p, lr=5e-4)
+    g = p.add_argument_group("captioner")
+    flag(g, "--captioner-size", choices=["tiny", "small", "base"], default="small")
+    flag(g, "--patch-size", type=positive_int, default=None, help="pixels per patch side (default: image size / 8)")
+    flag(g, "--tokenizer", default=None, help="reuse a tokenizer: its folder, or a text-to-image run or model folder")
+    flag(g, "--vocab-size", type=positive_int, default=1024, help="vocabulary of a tokenizer trained here")
+    flag(g, "--max-length", type=positive_int, default=None, help="token length (default: fit the captions)")
+    flag(g, "--holdout", type=int, default=0, help="keep the last N images out of training; score captions on them")
+    flag(g, "--beams", type=positive_int, default=1, help="beam width of the held-out captions")
+    p.set_defaults(func=cmd_train_captioner)
+
+    p = sub.add_parser("caption", help="caption images with a trained captioner")
+    flag(p, "--model", required=True, help="train-captioner run folder or model folder")
+    flag(p, "--image", action="append", required=True, help="image file (repeatable)")
+    flag(p, "--beams", type=positive_int, default=1, help="beam search width (1: greedy)")
+    flag(p, "--max-length", type=positive_int, default=None, help="longest caption in tokens")
+    flag(p, "--device", default="auto")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("eval", help="ShapesEval: does the model draw what the caption says? (offline, exact)")
     flag(p, "--model", required=True, help="run folder or model folder trained on the shapes world")
@@ -337,6 +450,23 @@ def build_parser() -> Parser:
     flag(p, "--device", default="auto")
     flag(p, "--out", default=None, help="folder for shapes_eval.json and failures.png (default: RUN/eval)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-vae", help="VAE reconstruction (PSNR, SSIM) and latent statistics on images")
+    flag(p, "--model", required=True, help="VAE folder, train-vae run folder, or a pipeline / run with a vae/")
+    add_data_flags(p)
+    flag(
+        p,
+        "--holdout",
+        type=float,
+        default=1.0,
+        help="evaluate only the last fraction of the images, e.g. those a train-vae --subset-size run never saw "
+        "(default 1: all, for a separate held-out folder)",
+    )
+    flag(p, "--batch-size", type=positive_int, default=64)
+    flag(p, "--seed", type=int, default=0, help="seed of the posterior samples behind the measured scaling")
+    flag(p, "--device", default="auto")
+    flag(p, "--out", default=None, help="JSON file or folder (default: RUN/eval/vae_eval.json)")
+    p.set_defaults(func=cmd_eval_vae)
 
     p = sub.add_parser("sample", help="generate images from a trained model")
     flag(p, "--model", required=True, help="run folder or model folder")

@@ -18,6 +18,8 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """``callback(step_index, timestep, latents)``, called after each sampler step (diffusers' order)."""
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
+Time = torch.Tensor | float | int
+"""A path time: an integer timestep (Gaussian diffusion; -1 is the clean end) or t in [0, 1] (flow)."""
 
 
 @dataclass
@@ -62,6 +64,157 @@ class NoiseProcessBase:
         if weight is not None:
             loss = loss * weight
         return TrainingLoss(loss=loss, level=self.noise_level(t))
+
+    # ----------------------------------------------------------------- DDIM on any Gaussian path
+    # Every process here noises data along ``x_t = alpha_t x0 + sigma_t eps``; the steps below need only
+    # ``alpha_sigma`` and ``to_x0_eps``, so DDIM, SDEdit, DDIM inversion and the DPM-Encoder of
+    # CycleDiffusion work unchanged for Gaussian diffusion (VP) and flow matching (alpha = 1 - t, sigma = t).
+    def alpha_sigma(self, t: Time, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` of the path at ``t`` (scalar or (B,)), shaped to broadcast against ``like``."""
+        raise NotImplementedError
+
+    def to_x0_eps(self, prediction: torch.Tensor, x_t: torch.Tensor, t: Time) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convert a network prediction at ``x_t`` into ``(x0_hat, eps_hat)``."""
+        raise NotImplementedError
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the network sees for path time ``t``."""
+        raise NotImplementedError
+
+    def grid(self, num_inference_steps: int) -> list[tuple[float, float]]:
+        """The ``(t, t_prev)`` pairs of a ``num_inference_steps`` sampler, from the noisiest to the clean end."""
+        raise NotImplementedError
+
+    def ddim_sigma(self, t: Time, t_prev: Time, eta: float, like: torch.Tensor) -> torch.Tensor:
+        """DDIM's noise scale ``eta * sigma_p sqrt(1 - (alpha_t sigma_p / (alpha_p sigma_t))^2)``.
+
+        At eta = 1 this is the standard deviation of the posterior ``q(x_p | x_t, x0)`` (ancestral sampling);
+        for Gaussian diffusion it equals ``eta sqrt((1 - a_p)/(1 - a_t)) sqrt(1 - a_t/a_p)``.
+        """
+        alpha_t, sigma_t = self.alpha_sigma(t, like)
+        alpha_p, sigma_p = self.alpha_sigma(t_prev, like)
+        ratio = (alpha_t * sigma_p) / (alpha_p * sigma_t)
+        return eta * sigma_p * (1 - ratio**2).clamp(min=0).sqrt()
+
+    def ddim_mean(self, x0: torch.Tensor, eps: torch.Tensor, t_prev: Time, sigma: torch.Tensor) -> torch.Tensor:
+        """The deterministic part of a DDIM step: ``alpha_p x0 + sqrt(sigma_p^2 - sigma^2) eps``."""
+        alpha_p, sigma_p = self.alpha_sigma(t_prev, x0)
+        return alpha_p * x0 + (sigma_p**2 - sigma**2).clamp(min=0).sqrt() * eps
+
+    def step(
+        self,
+        prediction: torch.Tensor,
+        x_t: torch.Tensor,
+        t: Time,
+        t_prev: Time,
+        eta: float = 0.0,
+        generator: Generator = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One DDIM step from ``t`` to ``t_prev``: eta = 0 is deterministic (for flow matching: an Euler
+        step), eta = 1 samples the posterior. ``noise`` replaces the fresh standard normal noise."""
+        x0, eps = self.to_x0_eps(prediction, x_t, t)
+        sigma = self.ddim_sigma(t, t_prev, eta, x_t)
+        out = self.ddim_mean(x0, eps, t_prev, sigma)
+        if eta > 0:
+            if noise is None:
+                noise = randn(x_t.shape, generator, x_t.device, torch.float32)
+            out = out + sigma * noise
+        return out.to(x_t.dtype)
+
+    def denoise(
+        self,
+        model_fn: ModelFn,
+        x: torch.Tensor,
+        grid: Sequence[tuple[float, float]],
+        eta: float = 0.0,
+        generator: Generator = None,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """DDIM steps from ``x`` at ``grid[0][0]`` through the ``(t, t_prev)`` pairs of ``grid``."""
+        for i, (t, t_prev) in enumerate(grid):
+            x = self.step(model_fn(x, self.model_time_of(t, x)), x, t, t_prev, eta=eta, generator=generator)
+            if callback is not None:
+                callback(i, self.model_time_of(t, x)[0], x)
+        return x
+
+    def invert(
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        grid: Sequence[tuple[float, float]],
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Deterministic DDIM inversion: run the eta = 0 chain of ``grid`` backwards, from ``x0`` at the clean end
+        up to ``grid[0][0]``. The step from ``p`` up to ``t`` uses the prediction at ``p`` (at ``t`` for the first
+        step, since the network never sees the clean end), the usual approximation of the exact inverse."""
+        x = x0
+        for i, (t, t_prev) in enumerate(reversed(grid)):
+            at = t if i == 0 else t_prev
+            x0_hat, eps_hat = self.to_x0_eps(model_fn(x, self.model_time_of(at, x)), x, at)
+            alpha_t, sigma_t = self.alpha_sigma(t, x)
+            x = (alpha_t * x0_hat + sigma_t * eps_hat).to(x0.dtype)
+            if callback is not None:
+                callback(i, self.model_time_of(t, x)[0], x)
+        return x
+
+    def model_time_of(self, t: float, like: torch.Tensor) -> torch.Tensor:
+        """``model_time`` of the path time ``t`` for every row of ``like``."""
+        return self.model_time(torch.full((like.shape[0],), t, device=like.device))
+
+    # ----------------------------------------------------------------- CycleDiffusion's DPM-Encoder
+    def dpm_encode_step(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        t: Time,
+        t_prev: Time,
+        eta: float,
+        generator: Generator = None,
+        last: bool = False,
+    ) -> torch.Tensor:
+        """The source chain of the DPM-Encoder: a draw of ``x_p ~ q(x_p | x_t, x0)`` of DDIM(eta),
+        ``alpha_p x0 + sqrt(sigma_p^2 - s^2) e + s xi`` with ``e = (x_t - alpha_t x0) / sigma_t``, ``s`` the DDIM
+        noise scale and ``xi`` fresh noise; ``x0`` itself at the ``last`` step (the clean end)."""
+        if last:
+            return x0
+        alpha_t, sigma_t = self.alpha_sigma(t, x_t)
+        e = (x_t - alpha_t * x0) / sigma_t
+        sigma = self.ddim_sigma(t, t_prev, eta, x_t)
+        xi = randn(x_t.shape, generator, x_t.device, torch.float32)
+        return (self.ddim_mean(x0, e, t_prev, sigma) + sigma * xi).to(x_t.dtype)
+
+    def cycle_step(
+        self,
+        x0: torch.Tensor,
+        x_src: torch.Tensor,
+        src_prediction: torch.Tensor,
+        x_tgt: torch.Tensor,
+        tgt_prediction: torch.Tensor,
+        t: Time,
+        t_prev: Time,
+        eta: float,
+        generator: Generator = None,
+        last: bool = False,
+        target_process: NoiseProcessBase | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One CycleDiffusion step from ``t`` to ``t_prev``: ``(x_src_prev, x_tgt_prev)``.
+
+        The source chain moves by :meth:`dpm_encode_step`; the noise ``z = (x_src_prev - mu_src) / s`` that the
+        source model's DDIM step would have needed to land there is recovered, and the target chain takes an
+        ordinary DDIM step with its own prediction and that noise: ``x_tgt_prev = mu_tgt + s z``. Both chains share
+        the step and so ``s``; ``s z`` is added as the residual ``x_src_prev - mu_src``, which needs no division
+        and stays exact where ``s`` is 0 (the clean end when ``a = 1`` there). ``target_process`` converts the
+        target's prediction when it comes from another model (two-model translation; same path, any target type).
+        """
+        if eta <= 0:
+            raise ValueError(f"CycleDiffusion needs eta > 0 (its noises are the sampler's); got eta={eta}")
+        target_process = target_process or self
+        x_src_prev = self.dpm_encode_step(x_src, x0, t, t_prev, eta, generator, last)
+        sigma = self.ddim_sigma(t, t_prev, eta, x_src)
+        mu_src = self.ddim_mean(*self.to_x0_eps(src_prediction, x_src, t), t_prev, sigma)
+        mu_tgt = self.ddim_mean(*target_process.to_x0_eps(tgt_prediction, x_tgt, t), t_prev, sigma)
+        return x_src_prev, (mu_tgt + (x_src_prev - mu_src)).to(x_tgt.dtype)
 
 
 def randn(

@@ -91,8 +91,18 @@ class FlowMatching(NoiseProcessBase, Configurable):
         s = self.config.shift
         return (s * t / (1 + (s - 1) * t)).float()
 
-    def step(self, velocity: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
-        """One Euler step along the predicted velocity."""
+    def alpha_sigma(self, t: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 - t, t)``, shaped to broadcast against ``like``."""
+        t = broadcast(expand_time(t, like.shape[0], like.device, torch.float32), like)
+        return 1 - t, t
+
+    def grid(self, num_inference_steps: int) -> list[tuple[float, float]]:
+        """``(t, t_prev)`` pairs of :meth:`times`, ending at t = 0."""
+        times = self.times(num_inference_steps).tolist()
+        return list(zip(times[:-1], times[1:]))
+
+    def euler_step(self, velocity: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+        """One Euler step along the predicted velocity (the same as :meth:`step` with eta = 0)."""
         return (x_t + (t_next - t) * velocity).to(x_t.dtype)
 
     def sample(
@@ -108,7 +118,8 @@ class FlowMatching(NoiseProcessBase, Configurable):
         """Integrate the ODE from noise (t = 1) to data (t = 0) with ``euler`` (default) or ``heun`` steps.
 
         Heun uses two network calls per step except the last (to t = 0), which is an Euler step.
-        These samplers are deterministic: ``eta`` must be 0 and ``generator`` is unused.
+        These samplers are deterministic: ``eta`` must be 0 and ``generator`` is unused (the stochastic DDIM
+        sampler on the flow path is :meth:`step` / :meth:`denoise` with eta > 0).
         """
         sampler = sampler or "euler"
         if eta != 0:
@@ -124,10 +135,10 @@ class FlowMatching(NoiseProcessBase, Configurable):
 
         for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
             v = velocity(x, t)
-            x_euler = self.step(v, x, t, t_next)
+            x_euler = self.euler_step(v, x, t, t_next)
             if sampler == "heun" and t_next > 0:
                 v = (v + velocity(x_euler, t_next)) / 2
-                x = self.step(v, x, t, t_next)
+                x = self.euler_step(v, x, t, t_next)
             else:
                 x = x_euler
             if callback is not None:

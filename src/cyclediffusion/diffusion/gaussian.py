@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Configurable
-from .base import Generator, ModelFn, NoiseProcessBase, StepCallback, broadcast, expand_time, randn
+from .base import Generator, ModelFn, NoiseProcessBase, StepCallback, broadcast, expand_time
 from .schedules import BETA_SCHEDULES, SPACINGS, make_betas, spaced_timesteps
 
 PREDICTION_TYPES = ("epsilon", "x0", "v_prediction")
@@ -82,6 +82,11 @@ class GaussianDiffusion(NoiseProcessBase, Configurable):
         t = expand_time(t, like.shape[0], torch.device("cpu"), torch.long).cpu()
         a = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.tensor(self.final_alpha_cumprod))
         return broadcast(a.float(), like)
+
+    def alpha_sigma(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(a_t), sqrt(1 - a_t))``, shaped to broadcast against ``like``."""
+        a = self.alpha_bar(t, like)
+        return a.sqrt(), (1 - a).sqrt()
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio ``a_t / (1 - a_t)`` for (B,) integer timesteps (float32)."""
@@ -165,58 +170,15 @@ class GaussianDiffusion(NoiseProcessBase, Configurable):
         )
 
     def ddim_sigma(self, t: torch.Tensor | int, t_prev: torch.Tensor | int, eta: float, like: torch.Tensor):
-        """DDIM's ``sigma_t(eta) = eta sqrt((1 - a_p)/(1 - a_t)) sqrt(1 - a_t/a_p)``; eta=1 is DDPM's."""
+        """DDIM's ``eta sqrt((1 - a_p)/(1 - a_t)) sqrt(1 - a_t/a_p)``: the base class's quantity, computed from the
+        ``a``'s directly as diffusers does (no square roots squared again, so long chains agree to float error)."""
         a_t, a_p = self.alpha_bar(t, like), self.alpha_bar(t_prev, like)
         return eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).clamp(min=0).sqrt()
 
-    def ddim_mean(
-        self, x0: torch.Tensor, eps: torch.Tensor, t_prev: torch.Tensor | int, sigma: torch.Tensor
-    ) -> torch.Tensor:
-        """The deterministic part of a DDIM step: ``sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps``."""
-        a_p = self.alpha_bar(t_prev, x0)
-        return a_p.sqrt() * x0 + (1 - a_p - sigma**2).clamp(min=0).sqrt() * eps
-
-    def step(
-        self,
-        prediction: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-        t_prev: torch.Tensor | int,
-        eta: float = 0.0,
-        generator: Generator = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One DDIM step from ``t`` to ``t_prev`` (eta=1: the ancestral DDPM posterior of the respaced chain).
-
-        ``noise`` overrides the fresh Gaussian noise (CycleDiffusion passes its recovered noise).
-        """
-        x0, eps = self.to_x0_eps(prediction, x_t, t)
-        sigma = self.ddim_sigma(t, t_prev, eta, x_t)
-        out = self.ddim_mean(x0, eps, t_prev, sigma)
-        if eta > 0:
-            if noise is None:
-                noise = randn(x_t.shape, generator, x_t.device, torch.float32)
-            out = out + sigma * noise
-        return out.to(x_t.dtype)
-
-    def denoise(
-        self,
-        model_fn: ModelFn,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        eta: float = 0.0,
-        generator: Generator = None,
-        callback: StepCallback | None = None,
-    ) -> torch.Tensor:
-        """Run the sampler from ``x`` at ``timesteps[0]`` down through ``timesteps`` to the clean end."""
-        steps = timesteps.tolist()
-        for i, t in enumerate(steps):
-            t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-            prediction = model_fn(x, self.model_time(torch.full((x.shape[0],), t, device=x.device)))
-            x = self.step(prediction, x, t, t_prev, eta=eta, generator=generator)
-            if callback is not None:
-                callback(i, torch.tensor(t), x)
-        return x
+    def grid(self, num_inference_steps: int, spacing: str | None = None) -> list[tuple[int, int]]:
+        """``(t, t_prev)`` pairs of the sampler's timesteps; the last ``t_prev`` is -1, the clean end."""
+        steps = self.timesteps(num_inference_steps, spacing).tolist()
+        return list(zip(steps, [*steps[1:], -1]))
 
     def sample(
         self,
@@ -236,4 +198,4 @@ class GaussianDiffusion(NoiseProcessBase, Configurable):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         eta = 1.0 if sampler == "ddpm" else eta
-        return self.denoise(model_fn, noise, self.timesteps(num_inference_steps, spacing), eta, generator, callback)
+        return self.denoise(model_fn, noise, self.grid(num_inference_steps, spacing), eta, generator, callback)

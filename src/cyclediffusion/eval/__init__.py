@@ -1,7 +1,9 @@
-"""Evaluation: ShapesEval, the offline text-alignment benchmark on the synthetic shapes world."""
+"""Evaluation: ShapesEval, the offline text-alignment benchmark on the synthetic shapes world, and VAE
+reconstruction metrics (PSNR, SSIM, latent statistics), captioner accuracy."""
 
 from __future__ import annotations
 
+from .caption_eval import CaptionScores, evaluate_captioner
 from .shapes_eval import (
     CATEGORIES,
     Detection,
@@ -16,18 +18,28 @@ from .shapes_eval import (
     relation_holds,
     score,
 )
+from .vae_eval import VAEReport, evaluate_vae, find_vae_dir, holdout_subset, load_vae, psnr, ssim
 
 __all__ = [
     "CATEGORIES",
+    "CaptionScores",
     "Detection",
     "EvalPrompt",
     "EvalReport",
+    "VAEReport",
     "build_suite",
     "category_correct",
     "detect_objects",
     "evaluate",
+    "evaluate_captioner",
     "evaluate_pipeline",
+    "evaluate_vae",
+    "find_vae_dir",
+    "holdout_subset",
+    "load_vae",
     "nearest_position",
+    "psnr",
     "relation_holds",
     "score",
+    "ssim",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .captioner import Captioner, CaptionerConfig, caption_loss
 from .dit import DIT_SIZES, DiT, DiTConfig
 from .text_encoder import TextEncoder, TextEncoderConfig, TextEncoderOutput
 from .unet import UNet, UNetConfig
@@ -10,6 +11,8 @@ from .vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 __all__ = [
     "DIT_SIZES",
     "AutoencoderKL",
+    "Captioner",
+    "CaptionerConfig",
     "DiT",
     "DiTConfig",
     "DiagonalGaussian",
@@ -19,4 +22,5 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "VAEConfig",
+    "caption_loss",
 ]

@@ -1,12 +1,20 @@
-"""Inference pipelines (no training code, no Lightning): text-to-image, and the storage they share."""
+"""Inference pipelines (no training code, no Lightning): text-to-image, CycleDiffusion editing and translation."""
 
 from __future__ import annotations
 
-from .base import DiffusionPipeline, ImagePipelineOutput, PromptEmbeds
+from .base import DiffusionPipeline, Guidance, ImagePipelineOutput, PromptEmbeds
+from .caption import CaptionPipeline
+from .cycle import METHODS, CycleDiffusionPipeline, edit, translate
 from .storage import NotAPipelineError
 from .text2image import Text2ImagePipeline
 
 __all__ = [
+    "METHODS",
+    "CaptionPipeline",
+    "CycleDiffusionPipeline",
+    "Guidance",
+    "edit",
+    "translate",
     "DiffusionPipeline",
     "ImagePipelineOutput",
     "NotAPipelineError",

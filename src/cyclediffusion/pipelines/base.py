@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..diffusion.base import ModelFn
-from ..images import numpy_to_pil
+from ..diffusion.base import Generator, ModelFn, StepCallback, randn
+from ..images import ImageInput, images_to_tensor, numpy_to_pil
 from .storage import load_components, save_components
 
 P = TypeVar("P", bound="DiffusionPipeline")
@@ -38,12 +38,53 @@ class PromptEmbeds:
         return PromptEmbeds(self.context.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
 
 
+@dataclass
+class Guidance:
+    """How one batch is conditioned: prompt states, the unconditional states and the classifier-free guidance
+    weight (guided only when ``uncond`` is given and ``scale != 1``)."""
+
+    cond: PromptEmbeds
+    uncond: PromptEmbeds | None = None
+    scale: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None and self.scale != 1.0
+
+
 def as_list(text: str | Sequence[str], name: str) -> list[str]:
     """A prompt or list of prompts as a non-empty list."""
     items = [text] if isinstance(text, str) else list(text)
     if not items or not all(isinstance(t, str) for t in items):
         raise ValueError(f"{name} must be a string or a non-empty list of strings")
     return items
+
+
+def every(callback: StepCallback | None, steps: int) -> StepCallback | None:
+    """``callback`` called only on every ``steps``-th step (diffusers' ``callback_steps``)."""
+    if callback is None:
+        return None
+    if steps < 1:
+        raise ValueError(f"callback_steps must be at least 1, got {steps}")
+    return lambda i, t, x: callback(i, t, x) if i % steps == 0 else None
+
+
+def broadcast_list(items: list, n: int, what: str) -> list:
+    """``items`` of length 1 or ``n`` as a list of length ``n``."""
+    if len(items) == 1:
+        return items * n
+    if len(items) != n:
+        raise ValueError(f"got {len(items)} {what} for {n} prompts")
+    return items
+
+
+def expand_rows(x: torch.Tensor, num_prompts: int, num_images_per_prompt: int) -> torch.Tensor:
+    """One row per prompt (a single image serves every prompt), each repeated ``num_images_per_prompt`` times."""
+    if x.shape[0] == 1 and num_prompts > 1:
+        x = x.expand(num_prompts, *x.shape[1:])
+    if x.shape[0] != num_prompts:
+        raise ValueError(f"got {x.shape[0]} images for {num_prompts} prompts (give one, or one per prompt)")
+    return x.repeat_interleave(num_images_per_prompt, dim=0)
 
 
 class DiffusionPipeline:
@@ -106,32 +147,55 @@ class DiffusionPipeline:
         out = self.text_encoder(ids)
         return PromptEmbeds(out.hidden_states, out.pooled)
 
-    def guided_model_fn(self, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance_scale: float) -> ModelFn:
-        """``model_fn(x_t, t)`` for the noise process, with classifier-free guidance in one batched call.
+    def prompt_guidance(
+        self,
+        prompts: list[str],
+        guidance_scale: float,
+        num_images_per_prompt: int = 1,
+        negative_prompt: str | Sequence[str] | None = None,
+    ) -> Guidance:
+        """Encode ``prompts`` (each repeated ``num_images_per_prompt`` times) and, when guided, the negative prompts
+        (default: the empty prompt the model saw when its caption was dropped in training)."""
+        if guidance_scale < 0:
+            raise ValueError(f"guidance scale must be non-negative, got {guidance_scale}")
+        cond = self.encode_prompt(prompts).repeat(num_images_per_prompt)
+        if guidance_scale == 1.0:
+            return Guidance(cond)
+        negatives = [""] * len(prompts) if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
+        negatives = broadcast_list(negatives, len(prompts), "negative prompts")
+        return Guidance(cond, self.encode_prompt(negatives).repeat(num_images_per_prompt), guidance_scale)
 
-        With ``uncond`` given and ``guidance_scale != 1`` the prediction is
-        ``uncond + w (cond - uncond)``, computed on all channels and any batch size; else plain ``cond``.
+    def guided_predictions(
+        self, xs: Sequence[torch.Tensor], t: torch.Tensor, guidances: Sequence[Guidance]
+    ) -> list[torch.Tensor]:
+        """The prediction for each ``(x, guidance)`` branch at model time ``t``, all in one denoiser call.
+
+        A guided branch (``uncond`` given, scale != 1) is ``uncond + w (cond - uncond)``, computed on all channels
+        for any batch size; an unguided one costs a single pass. CycleDiffusion runs its source and target chains
+        as two branches of one call.
         """
         denoiser = self.denoiser
         use_pooled = getattr(denoiser.config, "pooled_dim", None) is not None
         dtype = next(denoiser.parameters()).dtype
-        guided = uncond is not None and guidance_scale != 1.0
-        if guided:
-            context = torch.cat([uncond.context, cond.context])
-            pooled = torch.cat([uncond.pooled, cond.pooled])
-        else:
-            context, pooled = cond.context, cond.pooled
+        parts = [(x, e) for x, g in zip(xs, guidances) for e in ([g.uncond, g.cond] if g.guided else [g.cond])]
+        x_in = torch.cat([x for x, _ in parts]).to(dtype)
+        t_in = torch.cat([t] * len(parts))
+        context = torch.cat([e.context for _, e in parts]).to(dtype)
+        pooled = torch.cat([e.pooled for _, e in parts]).to(dtype) if use_pooled else None
+        out = list(denoiser(x_in, t_in, context, pooled).float().split([x.shape[0] for x, _ in parts]))
+        predictions = []
+        for g in guidances:
+            if g.guided:
+                uncond, cond = out.pop(0), out.pop(0)
+                predictions.append(uncond + g.scale * (cond - uncond))
+            else:
+                predictions.append(out.pop(0))
+        return predictions
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
-            out = denoiser(x_in.to(dtype), t_in, context.to(dtype), pooled.to(dtype) if use_pooled else None)
-            out = out.float()
-            if not guided:
-                return out
-            out_uncond, out_cond = out.chunk(2)
-            return out_uncond + guidance_scale * (out_cond - out_uncond)
-
-        return model_fn
+    def guided_model_fn(self, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance_scale: float) -> ModelFn:
+        """``model_fn(x_t, t)`` for the noise process: :meth:`guided_predictions` of one branch."""
+        guidance = Guidance(cond, uncond, guidance_scale)
+        return lambda x, t: self.guided_predictions([x], t, [guidance])[0]
 
     # ----------------------------------------------------------------- images
     @property
@@ -148,12 +212,36 @@ class DiffusionPipeline:
         return self.vae.decode_latents(latents.to(dtype)).float()
 
     @torch.no_grad()
-    def pixels_to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Encode images in [-1, 1] to scaled latents (posterior sample), or pass pixels through."""
+    def pixels_to_latents(self, pixels: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+        """Encode images in [-1, 1] to scaled latents (a posterior sample; a list of generators draws one row
+        each), or pass pixels through in pixel space."""
         if self.vae is None:
-            return pixels.float()
+            return pixels.to(self.device, torch.float32)
         dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode_latents(pixels.to(self.device, dtype), generator=generator).float()
+        posterior = self.vae.encode(pixels.to(self.device, dtype))
+        z = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, self.device, dtype)
+        return self.vae.scale_latents(z).float()
+
+    def image_latents(
+        self, image: ImageInput, num_prompts: int, num_images_per_prompt: int, generator: Generator
+    ) -> torch.Tensor:
+        """Scaled latents of the input image(s), one row per output image (prompt-major).
+
+        The posterior is sampled as diffusers does: the images once with a single generator, or each output
+        row with its own generator when a list is given.
+        """
+        if image is None:
+            raise ValueError("image is required: the picture to edit")
+        latent_channels = self.denoiser.config.in_channels
+        if isinstance(image, torch.Tensor) and self.vae is not None and image.shape[-3] == latent_channels != 3:
+            latents = (image[None] if image.ndim == 3 else image).to(self.device, torch.float32)
+            return expand_rows(latents, num_prompts, num_images_per_prompt)
+        pixels = images_to_tensor(image, self.latent_factor)
+        if pixels.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels (or {latent_channels} for latents), got {pixels.shape[1]}")
+        if isinstance(generator, (list, tuple)):
+            return self.pixels_to_latents(expand_rows(pixels, num_prompts, num_images_per_prompt), generator)
+        return expand_rows(self.pixels_to_latents(pixels, generator), num_prompts, num_images_per_prompt)
 
     def postprocess(self, latents: torch.Tensor, output_type: str) -> ImagePipelineOutput:
         """Latents -> ``pil`` | ``np`` | ``pt`` images in [0, 1] (or the ``latent`` tensor itself)."""

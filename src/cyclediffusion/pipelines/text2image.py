@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..diffusion.base import Generator, randn
-from .base import DiffusionPipeline, ImagePipelineOutput, as_list
+from .base import DiffusionPipeline, ImagePipelineOutput, as_list, every
 
 
 class Text2ImagePipeline(DiffusionPipeline):
@@ -64,33 +64,15 @@ class Text2ImagePipeline(DiffusionPipeline):
         prompts = as_list(prompt, "prompt")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
         batch = len(prompts) * num_images_per_prompt
-
-        cond = self.encode_prompt(prompts).repeat(num_images_per_prompt)
-        uncond = None
-        if guidance_scale != 1.0:
-            negatives = [""] * len(prompts) if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
-            if len(negatives) == 1 and len(prompts) > 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-            uncond = self.encode_prompt(negatives).repeat(num_images_per_prompt)
-        model_fn = self.guided_model_fn(cond, uncond, guidance_scale)
+        guidance = self.prompt_guidance(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
+        model_fn = self.guided_model_fn(guidance.cond, guidance.uncond, guidance_scale)
 
         if latents is None:
             latents = randn(self.latent_shape(batch, height, width), generator, self.device)
         elif latents.shape[0] != batch:
             raise ValueError(f"latents hold {latents.shape[0]} samples, expected {batch}")
         latents = latents.to(self.device, torch.float32)
-
-        step_callback = None
-        if callback is not None:
-
-            def step_callback(i: int, t: torch.Tensor, x: torch.Tensor) -> None:
-                if i % callback_steps == 0:
-                    callback(i, t, x)
 
         x0 = self.noise_process.sample(
             model_fn,
@@ -99,7 +81,7 @@ class Text2ImagePipeline(DiffusionPipeline):
             sampler=sampler,
             eta=eta,
             generator=generator,
-            callback=step_callback,
+            callback=every(callback, callback_steps),
         )
         return self.postprocess(x0, output_type)
 

@@ -5,12 +5,24 @@ Needs the ``train`` extra (lightning, datasets, tensorboard); inference does not
 
 from __future__ import annotations
 
+from .modules import CycleConfig
 from .train import (
+    CaptionerOptions,
     DataOptions,
     ModelOptions,
     RunOptions,
+    train_captioner,
     train_text2image,
     train_vae,
 )
 
-__all__ = ["DataOptions", "ModelOptions", "RunOptions", "train_text2image", "train_vae"]
+__all__ = [
+    "CaptionerOptions",
+    "CycleConfig",
+    "DataOptions",
+    "ModelOptions",
+    "RunOptions",
+    "train_captioner",
+    "train_text2image",
+    "train_vae",
+]

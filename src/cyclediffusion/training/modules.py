@@ -1,10 +1,13 @@
-"""LightningModules: what one training step of the VAE or of the text-to-image model computes.
+"""LightningModules: what one training step of the VAE, the text-to-image model or the captioner computes.
 
 Randomness is keyed to the step, not to a global RNG: each micro-batch carries its step index, and
 the noise, timesteps, caption dropout and VAE posterior samples are drawn for the whole global batch
 from a generator seeded with ``(seed, step)`` and then sliced to this rank's rows. A run resumed from
 a checkpoint, or split over several processes, therefore sees exactly the numbers of one
 uninterrupted single-process run.
+
+The text-to-image step may add a cycle-consistency term: a frozen captioner reads the caption back from
+the denoiser's one-step estimate of the clean image (see :class:`CycleConfig`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import lightning as L
 import torch
 
 from ..diffusion import NoiseProcess
-from ..diffusion.base import randn
-from ..models import AutoencoderKL, DiagonalGaussian, TextEncoder
+from ..diffusion.base import TrainingLoss, randn
+from ..models import AutoencoderKL, Captioner, DiagonalGaussian, TextEncoder
 from ..pipelines import Text2ImagePipeline
+from ..pipelines.caption import CaptionPipeline, check_compatible
 from ..text import Tokenizer
 
 LOSS_BINS = 4
+CYCLE_MODES = ("x0",)
+CYCLE_STREAM = 1  # the cycle term draws from its own step-keyed stream: the plain step's numbers never move
 
 
 @dataclass
@@ -88,9 +94,10 @@ class StepModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----------------------------------------------------------------- step-keyed randomness
-    def step_generator(self, step: int) -> torch.Generator:
+    def step_generator(self, step: int, stream: int = 0) -> torch.Generator:
+        """The generator of ``step``; other ``stream`` numbers give independent generators of the same step."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + int(step))
+        g.manual_seed((self.seed * 1_000_003 + int(step) + stream * 0x9E3779B97F4A7C15) % 2**64)
         return g
 
     def rank_rows(self, local_batch: int) -> slice:
@@ -135,12 +142,67 @@ class VAEModule(StepModule):
         return loss
 
 
+@dataclass
+class CycleConfig:
+    """The cycle-consistency term of the text-to-image step: ``weight`` x the frozen captioner's loss.
+
+    Mode ``x0``: on every ``every``-th optimiser step, a ``fraction`` of the global batch (at least one
+    row) is noised again at a time below ``t_max`` (in the noise process's own units: integer timesteps
+    for Gaussian diffusion, default ``T // 5``; path time in (0, 1] for flow matching, default 0.2), the
+    denoiser predicts it under the true caption (never dropped), the prediction becomes the one-step
+    estimate ``x0_hat``, the frozen VAE decodes it (pixel-space models use it as it is) and the frozen
+    captioner scores the caption. Gradients reach the denoiser and the text encoder only.
+    """
+
+    weight: float = 0.1
+    t_max: float | None = None
+    every: int = 1
+    fraction: float = 0.25
+    mode: str = "x0"
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"the cycle weight must be non-negative, got {self.weight}")
+        if self.every < 1:
+            raise ValueError(f"cycle every must be at least 1, got {self.every}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"the cycle fraction must be in (0, 1], got {self.fraction}")
+        if self.mode not in CYCLE_MODES:
+            raise ValueError(f"unknown cycle mode {self.mode!r}; choose from {', '.join(CYCLE_MODES)}")
+        if self.t_max is not None and self.t_max <= 0:
+            raise ValueError(f"the cycle t_max must be positive, got {self.t_max}")
+
+    def resolved_t_max(self, noise_process: NoiseProcess) -> float:
+        """``t_max`` for ``noise_process``, its default filled in and its range checked."""
+        if noise_process.kind == "flow":
+            t_max = 0.2 if self.t_max is None else float(self.t_max)
+            if t_max > 1:
+                raise ValueError(f"flow matching times are in (0, 1]: the cycle t_max {t_max} is out of range")
+            return t_max
+        steps = noise_process.num_train_timesteps
+        t_max = steps // 5 if self.t_max is None else self.t_max
+        if t_max != int(t_max) or not 1 <= t_max <= steps:
+            raise ValueError(f"Gaussian diffusion timesteps are integers: the cycle t_max must be in 1..{steps}")
+        return int(t_max)
+
+
+@dataclass
+class StepLosses:
+    """What one text-to-image step computed: the total ``loss``, the denoising term, the cycle term (or None)."""
+
+    loss: torch.Tensor
+    denoise: TrainingLoss
+    cycle: torch.Tensor | None = None
+
+
 class DiffusionModule(StepModule):
     """Trains a text encoder and a denoiser jointly under any noise process, in latent or pixel space.
 
     The VAE (optional) is frozen and kept out of the module tree. Captions are replaced by the empty
     prompt with probability ``caption_dropout`` so that the model also learns the unconditional
-    prediction used by classifier-free guidance.
+    prediction used by classifier-free guidance. With a ``captioner`` and a ``cycle`` of positive
+    weight, the step adds the cycle-consistency term of :class:`CycleConfig`; the captioner, like the
+    VAE, is frozen and stays out of the module tree (no optimiser, no EMA, no checkpoint, no export).
     """
 
     def __init__(
@@ -154,15 +216,25 @@ class DiffusionModule(StepModule):
         caption_dropout: float = 0.1,
         train_text_encoder: bool = True,
         seed: int = 0,
+        captioner: CaptionPipeline | None = None,
+        cycle: CycleConfig | None = None,
     ) -> None:
         super().__init__(optim, seed)
         self.text_encoder = text_encoder
         self.denoiser = denoiser
-        self.shared = Shared({"tokenizer": tokenizer, "noise_process": noise_process, "vae": vae})
         self.caption_dropout = caption_dropout
         self.text_encoder.requires_grad_(train_text_encoder)
         if vae is not None:
             vae.eval().requires_grad_(False)
+        self.cycle = cycle if captioner is not None and cycle is not None and cycle.weight > 0 else None
+        if self.cycle is not None:
+            self.cycle_t_max = self.cycle.resolved_t_max(noise_process)
+            captioner.captioner.eval().requires_grad_(False)
+        else:
+            captioner = None
+        self.shared = Shared(
+            {"tokenizer": tokenizer, "noise_process": noise_process, "vae": vae, "captioner": captioner}
+        )
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -176,9 +248,16 @@ class DiffusionModule(StepModule):
     def vae(self) -> AutoencoderKL | None:
         return self.shared.value["vae"]
 
+    @property
+    def captioner(self) -> CaptionPipeline | None:
+        """The frozen captioner of the cycle term (None without one)."""
+        return self.shared.value["captioner"]
+
     def on_fit_start(self) -> None:
         if self.vae is not None:
             self.vae.to(self.device)
+        if self.captioner is not None:
+            self.captioner.to(self.device)
 
     def to_pipeline(self) -> Text2ImagePipeline:
         """The inference pipeline made of this module's (current) weights."""
@@ -196,7 +275,8 @@ class DiffusionModule(StepModule):
         z = posterior.mean + posterior.std * self.draw_normal(g, posterior.mean.shape)
         return self.vae.scale_latents(z).float()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def step_losses(self, batch: dict[str, Any]) -> StepLosses:
+        """The losses of one micro-batch; every random number is keyed to ``batch["step"]``."""
         step = int(batch["step"][0])
         g = self.step_generator(step)
         captions: list[str] = list(batch["caption"])
@@ -206,22 +286,102 @@ class DiffusionModule(StepModule):
 
         x0 = self.clean_latents(batch, g)
         drop = (torch.rand(local * world, generator=g, device=self.device) < self.caption_dropout)[rows]
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        kept = ["" if d else c for c, d in zip(captions, drop.tolist())]
         t = self.noise_process.sample_timesteps(local * world, self.device, g)[rows]
         noise = self.draw_normal(g, x0.shape)
 
-        ids = self.tokenizer(captions).input_ids.to(self.device)
+        ids = self.tokenizer(kept).input_ids.to(self.device)
         text = self.text_encoder(ids)
 
         def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             return self.denoiser(x, s, text.hidden_states, text.pooled)
 
-        out = self.noise_process.training_loss(model_fn, x0, noise=noise, t=t)
-        loss = out.loss.mean()
-        self.log_losses(loss, local)
-        bins = (out.level * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
+        denoise = self.noise_process.training_loss(model_fn, x0, noise=noise, t=t)
+        loss = denoise.loss.mean()
+        cycle = None
+        if self.cycle is not None and self.cycle_due(step):
+            cycle = self.cycle_loss(x0, captions, self.step_generator(step, CYCLE_STREAM))
+            loss = loss + self.cycle.weight * cycle
+        return StepLosses(loss, denoise, cycle)
+
+    def cycle_due(self, step: int) -> bool:
+        """Whether micro-batch ``step`` belongs to an optimiser step that carries the cycle term."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return (step // accumulate) % self.cycle.every == 0
+
+    def cycle_loss(self, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
+        """The captioner's loss on the one-step ``x0_hat`` of some rows of this batch (see :class:`CycleConfig`).
+
+        Rows, times and noise are drawn for the global batch from ``g`` and sliced to this rank, and the
+        per-caption losses are summed and divided by the global number of cycle rows, so that ranks
+        averaging their gradients reproduce one process's mean.
+        """
+        local, world = len(captions), self.world_size()
+        total = local * world
+        count = max(1, round(self.cycle.fraction * total))
+        chosen = torch.zeros(total, dtype=torch.bool)
+        chosen[torch.randperm(total, generator=g, device=g.device)[:count].cpu()] = True
+        t = self.low_noise_timesteps(total, g)[self.rank_rows(local)]
+        noise = self.draw_normal(g, x0.shape)
+        index = chosen[self.rank_rows(local)].nonzero().squeeze(1).to(self.device)
+        if index.numel() == 0:  # this rank drew no cycle rows this step
+            return x0.new_zeros(())
+        x0, t, noise = x0[index], t[index], noise[index]
+        texts = [captions[i] for i in index.tolist()]
+        text = self.text_encoder(self.tokenizer(texts).input_ids.to(self.device))
+        process = self.noise_process
+        x_t = process.add_noise(x0, noise, t)
+        prediction = self.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled)
+        x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
+        pixels = x0_hat if self.vae is None else self.vae.decode_latents(x0_hat)
+        per_caption = self.captioner.loss(pixels, texts, reduction="none")
+        return per_caption.sum() * world / count
+
+    def low_noise_timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """``n`` times uniform below the cycle's ``t_max``, in the noise process's units."""
+        if self.noise_process.kind == "flow":
+            return (torch.rand(n, generator=g, device=g.device) * self.cycle_t_max).to(self.device)
+        return torch.randint(0, int(self.cycle_t_max), (n,), generator=g, device=g.device).to(self.device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.step_losses(batch)
+        local = len(batch["caption"])
+        extra = {}
+        if self.cycle is not None:
+            extra["denoise_loss"] = out.denoise.loss.mean()
+            if out.cycle is not None:
+                extra["cycle_loss"] = out.cycle
+        self.log_losses(out.loss, local, **extra)
+        bins = (out.denoise.level * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
         for b in range(LOSS_BINS):
             mask = bins == b
             if mask.any():
-                self.log(f"loss_by_noise/bin{b}", out.loss[mask].mean(), batch_size=int(mask.sum()))
+                self.log(f"loss_by_noise/bin{b}", out.denoise.loss[mask].mean(), batch_size=int(mask.sum()))
+        return out.loss
+
+
+class CaptionerModule(StepModule):
+    """Trains a :class:`Captioner` on captioned images: teacher-forced cross-entropy, padding ignored.
+
+    The tokenizer stays out of the module tree; the step has no randomness of its own.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, captioner: Captioner, optim: OptimConfig, seed: int = 0) -> None:
+        super().__init__(optim, seed)
+        self.captioner = captioner
+        self.shared = Shared({"tokenizer": tokenizer})
+        check_compatible(tokenizer, captioner)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.shared.value["tokenizer"]
+
+    def to_pipeline(self) -> CaptionPipeline:
+        """The inference pipeline made of this module's (current) weights."""
+        return CaptionPipeline(self.tokenizer, self.captioner)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        ids = self.tokenizer(list(batch["caption"])).input_ids.to(self.device)
+        loss = self.captioner.loss(batch["pixels"], ids)
+        self.log_losses(loss, ids.shape[0])
         return loss

@@ -7,6 +7,9 @@ A run folder holds everything::
     OUT/logs/           TensorBoard events and metrics.jsonl
     OUT/samples/        sample grids of the fixed prompts
     OUT/options.json    the options of the run
+
+A captioner run (:func:`train_captioner`) exports a caption pipeline to ``OUT/model`` and, with a
+held-out share of the images, writes its scores to ``OUT/eval.json``.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import write_json
 from ..diffusion import FlowConfig, FlowMatching, GaussianConfig, GaussianDiffusion, NoiseProcess
+from ..eval.caption_eval import evaluate_captioner
 from ..models import (
     DIT_SIZES,
     AutoencoderKL,
+    Captioner,
+    CaptionerConfig,
     DiT,
     DiTConfig,
     TextEncoder,
@@ -39,8 +45,10 @@ from ..models import (
     UNetConfig,
 )
 from ..models.vae import VAEConfig, measure_latent_scaling
+from ..pipelines import Text2ImagePipeline
+from ..pipelines.caption import CaptionPipeline
 from ..pipelines.storage import resolve_model_dir
-from ..text import Tokenizer
+from ..text import TOKENIZER_NAME, Tokenizer
 from .callbacks import EMA, Export, MetricsFile, ResumeCheckpoint, SampleGrid, Throughput, export_atomically
 from .data import (
     CachedLatents,
@@ -50,7 +58,7 @@ from .data import (
     load_latent_cache,
     save_latent_cache,
 )
-from .modules import DiffusionModule, OptimConfig, VAEModule
+from .modules import CaptionerModule, CycleConfig, DiffusionModule, OptimConfig, VAEModule
 from .sampler import StepBatchSampler, StepIndexed
 
 log = logging.getLogger("cyclediffusion")
@@ -81,6 +89,11 @@ VAE_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"block_channels": (16, 32, 64, 64), "layers_per_block": 1},
     "small": {"block_channels": (32, 64, 128, 128), "layers_per_block": 1},
     "base": {"block_channels": (64, 128, 256, 256), "layers_per_block": 2},
+}
+CAPTIONER_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"width": 64, "encoder_layers": 1, "decoder_layers": 2, "heads": 4, "stem_channels": 16},
+    "small": {"width": 128, "encoder_layers": 2, "decoder_layers": 2, "heads": 4, "stem_channels": 32},
+    "base": {"width": 256, "encoder_layers": 4, "decoder_layers": 4, "heads": 8, "stem_channels": 64},
 }
 
 
@@ -134,7 +147,12 @@ class RunOptions:
 
 @dataclass
 class ModelOptions:
-    """The text-to-image model: backbone, noise process and text encoder."""
+    """The text-to-image model: backbone, noise process and text encoder, or a pipeline to start from.
+
+    ``init_from`` (an exported pipeline, or a run folder) supplies tokenizer, text encoder, denoiser,
+    noise process and VAE, and the options that would build them are ignored. ``captioner`` (an
+    exported caption pipeline) adds the cycle-consistency term described by ``cycle``.
+    """
 
     backbone: str = "unet"
     model_size: str = "small"
@@ -151,6 +169,27 @@ class ModelOptions:
     vocab_size: int = 1024
     max_length: int | None = None
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    init_from: str | None = None
+    captioner: str | None = None
+    cycle: CycleConfig = field(default_factory=CycleConfig)
+
+
+@dataclass
+class CaptionerOptions:
+    """The captioner: a named size, its patch size, and its tokenizer (trained here, or ``tokenizer``'s).
+
+    ``tokenizer`` is a tokenizer folder, or a model or run folder holding one (a text-to-image run's,
+    so that both models share it). ``holdout`` keeps the last N images out of training to score the
+    captioner on at the end (generated with ``num_beams``).
+    """
+
+    size: str = "small"
+    patch_size: int | None = None
+    tokenizer: str | None = None
+    vocab_size: int = 1024
+    max_length: int | None = None
+    holdout: int = 0
+    num_beams: int = 1
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -337,17 +376,19 @@ def build_denoiser(model: ModelOptions, channels: int, sample_size: int, context
     raise ValueError(f"unknown backbone {model.backbone!r}; choose 'unet' or 'dit'")
 
 
-def prepare_tokenizer(out: Path, captions: list[str], model: ModelOptions) -> Tokenizer:
-    """Train the BPE tokenizer on the captions (or reload the run's own, when resuming)."""
+def prepare_tokenizer(out: Path, captions: list[str], vocab_size: int, max_length: int | None) -> Tokenizer:
+    """Train the BPE tokenizer on the captions (or reload the run's own, when resuming).
+
+    Without ``max_length`` the token length fits the longest caption (a multiple of 8, at most 77).
+    """
     path = out / "tokenizer"
-    if (path / "tokenizer.json").is_file():
+    if (path / TOKENIZER_NAME).is_file():
         return Tokenizer.from_pretrained(path)
-    max_length = model.max_length
     if max_length is None:
-        probe = Tokenizer.train(captions, vocab_size=model.vocab_size, max_length=77)
+        probe = Tokenizer.train(captions, vocab_size=vocab_size, max_length=77)
         longest = int(probe(captions).attention_mask.sum(1).max())
         max_length = min(77, 8 * math.ceil(longest / 8))
-    tokenizer = Tokenizer.train(captions, vocab_size=model.vocab_size, max_length=max_length)
+    tokenizer = Tokenizer.train(captions, vocab_size=vocab_size, max_length=max_length)
     tokenizer.save_pretrained(path)
     return tokenizer
 
@@ -380,32 +421,35 @@ def latent_dataset(images, vae: AutoencoderKL, data: DataOptions, out: Path, dev
 
 
 def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) -> Path:
-    """Train a text encoder and denoiser jointly (latent space with ``model.vae``, else pixels); export to OUT/model."""
+    """Train a text encoder and denoiser jointly (latent space with ``model.vae``, else pixels); export to OUT/model.
+
+    With ``model.init_from`` training starts from an exported pipeline; with ``model.captioner`` the
+    step adds the cycle-consistency loss (see :class:`~cyclediffusion.training.modules.CycleConfig`).
+    """
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     write_options(out, data=data, run=run, model=model)
     L.seed_everything(run.seed, verbose=False)
+    captioner = load_captioner(model.captioner, data.image_size) if model.captioner else None
     images = load_images(data)
-    vae = AutoencoderKL.from_pretrained(resolve_model_dir(model.vae, "config.json")) if model.vae else None
-    tokenizer = prepare_tokenizer(out, images.captions, model)
-    text_encoder = TextEncoder(
-        TextEncoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            max_length=tokenizer.max_length,
-            width=model.text_width,
-            layers=model.text_layers,
-            heads=model.text_heads,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    if vae is None:
-        channels, sample_size = 3, data.image_size
+    if model.init_from:
+        pipe = load_initial_pipeline(model, data.image_size)
+        tokenizer, text_encoder, denoiser, vae = pipe.tokenizer, pipe.text_encoder, pipe.denoiser, pipe.vae
+        noise_process = pipe.noise_process
     else:
-        if data.image_size % vae.downsample_factor:
-            raise ValueError(f"--image-size {data.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
-        channels, sample_size = vae.config.latent_channels, data.image_size // vae.downsample_factor
-    denoiser = build_denoiser(model, channels, sample_size, model.text_width)
+        vae = AutoencoderKL.from_pretrained(resolve_model_dir(model.vae, "config.json")) if model.vae else None
+        tokenizer = prepare_tokenizer(out, images.captions, model.vocab_size, model.max_length)
+        text_encoder = build_text_encoder(model, tokenizer)
+        if vae is None:
+            channels, sample_size = 3, data.image_size
+        else:
+            if data.image_size % vae.downsample_factor:
+                raise ValueError(
+                    f"--image-size {data.image_size} is not a multiple of the VAE's {vae.downsample_factor}"
+                )
+            channels, sample_size = vae.config.latent_channels, data.image_size // vae.downsample_factor
+        denoiser = build_denoiser(model, channels, sample_size, model.text_width)
+        noise_process = build_noise_process(model)
     dataset: Dataset = images
     if data.cache_latents and vae is not None:
         device = torch.device("cuda" if torch.cuda.is_available() and run.accelerator != "cpu" else "cpu")
@@ -415,11 +459,13 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
         tokenizer,
         text_encoder,
         denoiser,
-        build_noise_process(model),
+        noise_process,
         vae,
         optim_config(run, steps),
         caption_dropout=model.caption_dropout,
         seed=run.seed,
+        captioner=captioner,
+        cycle=model.cycle,
     )
     callbacks: list[L.Callback] = [Export(out / "model", export_pipeline, run.export_every)]
     if run.sample_every:
@@ -430,5 +476,134 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
     return out / "model"
 
 
+def build_text_encoder(model: ModelOptions, tokenizer: Tokenizer) -> TextEncoder:
+    return TextEncoder(
+        TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size,
+            max_length=tokenizer.max_length,
+            width=model.text_width,
+            layers=model.text_layers,
+            heads=model.text_heads,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def load_initial_pipeline(model: ModelOptions, image_size: int) -> Text2ImagePipeline:
+    """The exported pipeline named by ``--init-from``, checked against the image size."""
+    if model.vae:
+        raise ValueError("--init-from brings its own VAE (and tokenizer and noise process): drop --vae")
+    path = resolve_model_dir(model.init_from)
+    pipe = Text2ImagePipeline.from_pretrained(path)
+    pipe.text_encoder.train(), pipe.denoiser.train()  # loaded for inference, in eval mode
+    size = pipe.denoiser.config.sample_size * pipe.latent_factor
+    if size != image_size:
+        raise ValueError(f"the model in {path} makes {size}px images but --image-size is {image_size}")
+    log.info("starting from %s (its backbone, noise process, tokenizer and VAE are used)", path)
+    return pipe
+
+
+def load_captioner(path: str, image_size: int) -> CaptionPipeline:
+    """The exported caption pipeline of the cycle loss (with its own tokenizer), checked against the image size."""
+    model_dir = resolve_model_dir(path)
+    pipe = CaptionPipeline.from_pretrained(model_dir)
+    if pipe.image_size != image_size:
+        raise ValueError(
+            f"the captioner in {model_dir} reads {pipe.image_size}px images but --image-size is {image_size}"
+        )
+    return pipe
+
+
 def export_pipeline(module: DiffusionModule, path: Path) -> None:
+    module.to_pipeline().save_pretrained(path)
+
+
+# --------------------------------------------------------------------------- captioner
+def find_tokenizer(path: str | Path) -> Path:
+    """A tokenizer folder: ``path`` itself, ``path/tokenizer`` or ``path/model/tokenizer``."""
+    path = Path(path)
+    for candidate in (path, path / "tokenizer", path / "model" / "tokenizer"):
+        if (candidate / TOKENIZER_NAME).is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    raise FileNotFoundError(f"{path} holds no tokenizer (no {TOKENIZER_NAME} in it, in tokenizer/ or model/tokenizer/)")
+
+
+def captioner_tokenizer(out: Path, captions: list[str], options: CaptionerOptions) -> Tokenizer:
+    """The run's tokenizer: a copy of ``options.tokenizer``, or one trained on the captions.
+
+    A resumed run must keep the tokenizer it started with: a different ``--tokenizer`` is refused.
+    """
+    if not options.tokenizer:
+        return prepare_tokenizer(out, captions, options.vocab_size, options.max_length)
+    if options.max_length is not None:
+        raise ValueError("--max-length comes with the tokenizer given by --tokenizer: drop one of them")
+    tokenizer = Tokenizer.from_pretrained(find_tokenizer(options.tokenizer))
+    own = out / "tokenizer"
+    if (own / TOKENIZER_NAME).is_file():
+        previous = Tokenizer.from_pretrained(own)
+        if previous.backend.to_str() != tokenizer.backend.to_str() or previous.config != tokenizer.config:
+            raise ValueError(f"{out} was started with another tokenizer than {options.tokenizer}; use a new --out")
+    tokenizer.save_pretrained(own)
+    return tokenizer
+
+
+def build_captioner(options: CaptionerOptions, tokenizer: Tokenizer, image_size: int) -> Captioner:
+    """A captioner of a named size for ``tokenizer``; the patch size defaults to image_size / 8."""
+    if options.size not in CAPTIONER_SIZES:
+        raise ValueError(f"unknown captioner size {options.size!r}; choose from {', '.join(CAPTIONER_SIZES)}")
+    return Captioner(
+        CaptionerConfig(
+            image_size=image_size,
+            patch_size=options.patch_size or max(1, image_size // 8),
+            **CAPTIONER_SIZES[options.size],
+            vocab_size=tokenizer.vocab_size,
+            max_length=tokenizer.max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def train_captioner(data: DataOptions, run: RunOptions, options: CaptionerOptions | None = None) -> Path:
+    """Train an image captioner and export it (with its tokenizer) to ``OUT/model``.
+
+    With ``options.holdout`` the last N images are kept out of training, and exact match and token
+    accuracy on them are logged and written to ``OUT/eval.json``.
+    """
+    options = options or CaptionerOptions()
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_options(out, data=data, run=run, captioner=options)
+    L.seed_everything(run.seed, verbose=False)
+    images = load_images(data)
+    n_train = len(images) - options.holdout
+    if options.holdout < 0 or n_train < 1:
+        raise ValueError(f"--holdout {options.holdout} leaves no training images out of {len(images)}")
+    train_set: Dataset = Subset(images, range(n_train)) if options.holdout else images
+    tokenizer = captioner_tokenizer(out, images.captions[:n_train], options)
+    captioner = build_captioner(options, tokenizer, data.image_size)
+    steps = total_steps(run, n_train, world_size(run))
+    module = CaptionerModule(tokenizer, captioner, optim_config(run, steps), seed=run.seed)
+    callbacks: list[L.Callback] = [Export(out / "model", export_captioner, run.export_every)]
+    trainer = fit(module, train_set, run, steps, data.num_workers, callbacks)
+    if trainer.is_global_zero:
+        export_atomically(export_captioner, module, out / "model")
+        if options.holdout:
+            held_out = Subset(images, range(n_train, len(images)))
+            scores = evaluate_captioner(module.to_pipeline(), held_out, num_beams=options.num_beams)
+            write_json(out / "eval.json", scores.to_json())
+            log.info(
+                "held-out captions (%d images): exact match %.3f, token accuracy %.3f",
+                scores.count,
+                scores.exact_match,
+                scores.token_accuracy,
+            )
+    return out / "model"
+
+
+def export_captioner(module: CaptionerModule, path: Path) -> None:
     module.to_pipeline().save_pretrained(path)

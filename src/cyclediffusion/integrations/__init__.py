@@ -1,0 +1,1 @@
+"""Bridges to other libraries' models (imported lazily: the core never needs them)."""

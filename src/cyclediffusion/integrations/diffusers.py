@@ -1,0 +1,157 @@
+"""Stable Diffusion components from ``diffusers`` / ``transformers`` inside this project's pipelines.
+
+Thin adapters give diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL`` and transformers' ``CLIPTextModel``
+and ``CLIPTokenizer`` the interfaces our pipelines call; a ``DDIMScheduler`` becomes the equivalent
+:class:`~cyclediffusion.diffusion.GaussianDiffusion`. No weights are converted. This module is the only place in
+the library that imports diffusers or transformers (``pip install 'cyclediffusion[hf]'``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..diffusion import GaussianConfig, GaussianDiffusion
+from ..models.text_encoder import TextEncoderOutput
+
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+
+
+class DiffusersUNet(nn.Module):
+    """``UNet2DConditionModel`` behind the denoiser interface ``(x, t, context, pooled, context_mask)``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.config = SimpleNamespace(
+            sample_size=unet.config.sample_size, in_channels=unet.config.in_channels, pooled_dim=None
+        )
+
+    def forward(self, x, t, context, pooled=None, context_mask=None) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=context).sample
+
+
+class DiffusersVAE(nn.Module):
+    """diffusers' ``AutoencoderKL`` behind our VAE interface (posterior, scaled latents, decoding)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.config = SimpleNamespace(
+            scaling_factor=vae.config.scaling_factor, shift_factor=getattr(vae.config, "shift_factor", None) or 0.0
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode(self, x: torch.Tensor):
+        """The posterior (``.mean``, ``.std``)."""
+        return self.vae.encode(x).latent_dist
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.config.scaling_factor + self.config.shift_factor).sample
+
+
+class CLIPTextEncoder(nn.Module):
+    """``CLIPTextModel``: token states for cross-attention (``last_hidden_state``) and the pooled state."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> TextEncoderOutput:
+        out = self.text_encoder(input_ids)
+        return TextEncoderOutput(hidden_states=out.last_hidden_state, pooled=out.pooler_output)
+
+
+@dataclass
+class CLIPTokens:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class CLIPTokenizerAdapter:
+    """``CLIPTokenizer`` padding to its ``model_max_length`` as Stable Diffusion pipelines do."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompts: list[str]) -> CLIPTokens:
+        out = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return CLIPTokens(out.input_ids, out.attention_mask)
+
+
+def noise_process_from_scheduler(scheduler: Any) -> GaussianDiffusion:
+    """The :class:`GaussianDiffusion` that takes the same DDIM steps as ``scheduler`` (a DDIM/DDPM scheduler)."""
+    c = scheduler.config
+    unsupported = {
+        "trained_betas": getattr(c, "trained_betas", None) is not None,
+        "clip_sample": bool(getattr(c, "clip_sample", False)),
+        "thresholding": bool(getattr(c, "thresholding", False)),
+        "rescale_betas_zero_snr": bool(getattr(c, "rescale_betas_zero_snr", False)),
+    }
+    if any(unsupported.values()):
+        names = ", ".join(k for k, v in unsupported.items() if v)
+        raise ValueError(f"scheduler options not supported for latent diffusion here: {names} (set them off)")
+    if c.beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"unsupported beta schedule {c.beta_schedule!r}; supported: {', '.join(BETA_SCHEDULES)}")
+    process = GaussianDiffusion(
+        GaussianConfig(
+            num_train_timesteps=c.num_train_timesteps,
+            beta_schedule=BETA_SCHEDULES[c.beta_schedule],
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+            prediction_type=c.prediction_type,
+            timestep_spacing=getattr(c, "timestep_spacing", "leading"),
+            steps_offset=getattr(c, "steps_offset", 0),
+            set_alpha_to_one=getattr(c, "set_alpha_to_one", True),
+        )
+    )
+    if not torch.allclose(process.alphas_cumprod.float(), scheduler.alphas_cumprod.float(), atol=1e-6):
+        raise ValueError("could not reproduce the scheduler's noise schedule")
+    return process
+
+
+def wrap_stable_diffusion(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any) -> dict[str, Any]:
+    """Our pipeline components around Stable Diffusion's."""
+    return {
+        "tokenizer": CLIPTokenizerAdapter(tokenizer),
+        "text_encoder": CLIPTextEncoder(text_encoder),
+        "vae": DiffusersVAE(vae),
+        "denoiser": DiffusersUNet(unet),
+        "noise_process": noise_process_from_scheduler(scheduler),
+    }
+
+
+def load_stable_diffusion(name_or_path: str | Path) -> dict[str, Any]:
+    """Load a Stable Diffusion folder (or hub name) with diffusers' and transformers' own loaders (safetensors
+    weights only) and wrap it; a DDIM scheduler is built from its scheduler config."""
+    try:
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("loading diffusers models needs: pip install 'cyclediffusion[hf]'") from err
+    path = str(name_or_path)
+    kwargs = {"use_safetensors": True}
+    return wrap_stable_diffusion(
+        AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
+        CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
+        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+        DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
+    )

@@ -1,0 +1,230 @@
+"""CycleDiffusion on this project's models: exact reconstruction, batching, baselines, a real colour edit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cyclediffusion import CycleDiffusionPipeline, translate
+
+from helpers import RED, tiny_pipeline, train
+
+MODELS = [  # (backbone, process, VAE, process options)
+    ("unet", "ddpm", False, {"prediction_type": "epsilon"}),
+    (
+        "unet",
+        "ddpm",
+        True,
+        {"prediction_type": "v_prediction", "beta_schedule": "cosine", "timestep_spacing": "trailing"},
+    ),
+    ("dit", "ddpm", False, {"prediction_type": "x0", "steps_offset": 1, "set_alpha_to_one": False}),
+    ("dit", "flow", True, {}),
+]
+
+
+def cycle_pipeline(backbone="unet", process="ddpm", vae=False, seed=0, **options) -> CycleDiffusionPipeline:
+    torch.manual_seed(seed)
+    pipe = tiny_pipeline(backbone, process, vae=vae, **options)
+    with torch.no_grad():  # an untrained net predicts exactly 0: give it something to say
+        for p in pipe.denoiser.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    return CycleDiffusionPipeline(**pipe.components).eval()
+
+
+def pictures(n: int, size: int = 16) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(9))
+
+
+def gens(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("backbone,process,vae,options", MODELS)
+def test_same_prompt_and_guidance_give_back_the_input(one_thread, backbone, process, vae, options):
+    """The DPM-Encoder's noises decode to the encoded latent when nothing changes (every model kind)."""
+    pipe = cycle_pipeline(backbone, process, vae, **options)
+    image = pictures(2)
+    x0 = pipe.image_latents(image, 2, 1, torch.Generator().manual_seed(3))
+    out = pipe(
+        ["a red square", "a blue circle"],
+        ["a red square", "a blue circle"],
+        image,
+        num_inference_steps=12,
+        guidance_scale=2.0,
+        source_guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+    ).images
+    assert (out - x0).abs().max() <= 1e-4
+    changed = pipe(
+        "a blue circle",
+        "a red square",
+        image[:1],
+        num_inference_steps=12,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+    ).images
+    assert (changed - x0[:1]).abs().max() > 1e-2  # a different target prompt does change the latent
+
+
+@pytest.mark.parametrize("method", ["cycle", "sdedit"])
+def test_batch_with_guidance_equals_single_runs(one_thread, method):
+    pipe = cycle_pipeline("unet", "ddpm", vae=True)
+    prompts, sources = ["a red square", "a blue circle", "two yellow circles"], ["a blue circle"] * 3
+    image = pictures(3)
+    kwargs = dict(num_inference_steps=8, guidance_scale=3.0, source_guidance_scale=1.5, eta=0.3, method=method)
+    batch = pipe(prompts, sources, image, generator=gens(0, 3), output_type="latent", **kwargs).images
+    for i in range(3):
+        single = pipe(
+            prompts[i], sources[i], image[i : i + 1], generator=gens(i, 1)[0], output_type="latent", **kwargs
+        ).images
+        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_images_per_prompt_and_one_image_for_many_prompts(one_thread):
+    pipe = cycle_pipeline()
+    out = pipe(
+        ["a red square", "a blue circle"],
+        "a blue circle",
+        pictures(1),
+        num_inference_steps=4,
+        num_images_per_prompt=3,
+        generator=gens(0, 6),
+        output_type="np",
+    ).images
+    assert out.shape == (6, 16, 16, 3)
+    assert np.isfinite(out).all()
+    assert np.abs(out[0] - out[1]).max() > 0  # each image has its own noise
+
+
+def test_ddim_inversion_is_exact_when_the_noise_estimate_is_constant(one_thread):
+    """An untrained U-Net predicts eps = 0 everywhere, so the eta = 0 chain inverts exactly."""
+    torch.manual_seed(0)
+    pipe = CycleDiffusionPipeline(**tiny_pipeline("unet", "ddpm", prediction_type="epsilon").components)
+    image = pictures(2)
+    x0 = pipe.image_latents(image, 2, 1, None)
+    out = pipe(
+        ["a red square"] * 2,
+        "a blue circle",
+        image,
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        method="ddim_inversion",
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(out, x0, atol=2e-4, rtol=1e-4)  # float error of 20 rescalings
+
+
+def test_strength_zero_returns_the_input_and_latents_are_accepted(one_thread):
+    pipe = cycle_pipeline(vae=True)
+    x0 = pipe.image_latents(pictures(1), 1, 1, torch.Generator().manual_seed(0))
+    out = pipe("a red square", "a blue circle", x0, strength=0.05, num_inference_steps=10, output_type="latent")
+    torch.testing.assert_close(out.images, x0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"eta": 0.0}, "eta > 0"),
+        ({"eta": -0.5}, "eta > 0"),
+        ({"method": "magic"}, "unknown method"),
+        ({"strength": 1.5}, "strength"),
+        ({"image": None}, "image is required"),
+        ({"source_prompt": ["a", "b", "c"]}, "source prompts"),
+        ({"guidance_scale": -1.0}, "guidance"),
+    ],
+)
+def test_bad_arguments_are_refused_clearly(kwargs, message):
+    pipe = cycle_pipeline()
+    args = {"prompt": ["a red square", "a blue circle"], "source_prompt": "a blue circle", "image": pictures(1)}
+    with pytest.raises(ValueError, match=message):
+        pipe(**{**args, **kwargs}, num_inference_steps=2)
+
+
+def test_translate_refuses_models_in_different_latent_spaces():
+    a, b = cycle_pipeline(vae=True, seed=0), cycle_pipeline(vae=True, seed=1)
+    with pytest.raises(ValueError, match="share their VAE"):
+        translate(pictures(1), a, b, num_inference_steps=2)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    pipe = cycle_pipeline(vae=True)
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = CycleDiffusionPipeline.from_pretrained(tmp_path)  # a run folder holding model/
+    kwargs = dict(num_inference_steps=3, output_type="latent")
+    a = pipe("a red square", "a blue circle", pictures(1), generator=torch.Generator().manual_seed(0), **kwargs)
+    b = loaded("a red square", "a blue circle", pictures(1), generator=torch.Generator().manual_seed(0), **kwargs)
+    torch.testing.assert_close(a.images, b.images)
+
+
+# ---------------------------------------------------------------- a trained model edits colours
+SIZE, BACKGROUND = 16, -1.0
+PURPLE = (1.0, -1.0, 1.0)
+
+
+def shape_world() -> tuple[torch.Tensor, list[str]]:
+    """Red and purple squares and discs of two sizes; the caption names only the colour, so the shape and size
+    of an edit can come only from the DPM-Encoder's noises. (Red and purple lie on the same side of the black
+    background, so the nearest purple image to a red one is the same shape recoloured.)"""
+    yy, xx = torch.meshgrid(torch.arange(SIZE) - 7.5, torch.arange(SIZE) - 7.5, indexing="ij")
+    images, captions = [], []
+    for colour, caption in ((RED, "a red shape"), (PURPLE, "a purple shape")):
+        for square in (True, False):
+            for r in (3, 4):
+                mask = (yy.abs() <= r) & (xx.abs() <= r) if square else yy**2 + xx**2 <= (r + 0.5) ** 2
+                image = torch.full((3, SIZE, SIZE), BACKGROUND)
+                for c in range(3):
+                    image[c][mask] = colour[c]
+                images.append(image)
+                captions.append(caption)
+    return torch.stack(images), captions
+
+
+def object_mask(image: torch.Tensor) -> torch.Tensor:
+    return (image - BACKGROUND).abs().amax(0) > 0.6
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    images, captions = shape_world()
+    torch.manual_seed(0)
+    pipe = tiny_pipeline("unet", "ddpm", prediction_type="x0", beta_schedule="cosine")
+    before, after = train(pipe, images, captions, steps=300, lr=2e-3)
+    assert after < 0.1 * before
+    return CycleDiffusionPipeline(**pipe.components).eval(), images
+
+
+def test_colour_edit_changes_the_colour_and_keeps_the_shape(trained):
+    pipe, images = trained
+    reds = images[:4]
+    ious = {}
+    for method in ("cycle", "sdedit"):
+        out = (
+            pipe(
+                ["a purple shape"] * 4,
+                "a red shape",
+                reds,
+                strength=0.6,
+                num_inference_steps=40,
+                guidance_scale=2.0,
+                eta=0.1,
+                generator=gens(0, 4),
+                output_type="pt",
+                method=method,
+            ).images
+            * 2
+            - 1
+        )
+        ious[method] = []
+        for source, edited in zip(reds, out):
+            m_src, m_out = object_mask(source), object_mask(edited)
+            ious[method].append(float((m_src & m_out).sum() / (m_src | m_out).sum()))
+            assert edited[2, m_src].mean() > 0.5, f"{method}: not purple"  # blue channel of purple is +1, red's -1
+    cycle, sdedit = np.mean(ious["cycle"]), np.mean(ious["sdedit"])
+    assert cycle >= 0.8 and min(ious["cycle"]) >= 0.7, f"CycleDiffusion mask IoU {ious['cycle']}"
+    assert cycle > sdedit + 0.05, (
+        f"CycleDiffusion {ious['cycle']} should keep shapes better than SDEdit {ious['sdedit']}"
+    )

@@ -1,0 +1,198 @@
+"""CycleDiffusion with diffusers' Stable Diffusion components matches diffusers' own ``CycleDiffusionPipeline``.
+
+Tiny components are built from configs (nothing is downloaded); the CLIP tokenizer reads a small local vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from cyclediffusion import CycleDiffusionPipeline  # noqa: E402
+
+WORDS = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_tokenizer(tmp_path) -> transformers.CLIPTokenizer:
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in WORDS:  # merge each word left to right into one token
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (tmp_path / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tok.model_max_length = 16
+    return tok
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    tokenizer = clip_tokenizer(tmp_path_factory.mktemp("clip"))
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=16,
+        )
+    )
+    scheduler = diffusers.DDIMScheduler(  # Stable Diffusion's scheduler config
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def generators(seed: int, n: int | None):
+    return (
+        torch.Generator().manual_seed(seed)
+        if n is None
+        else [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    )
+
+
+CASES = [
+    # (prompts, n images, steps, guidance, per prompt, generator list)
+    (["a red circle"], 1, 10, 3.0, 1, False),
+    (["a red circle"], 1, 2, 3.0, 1, False),
+    (["a red circle"], 1, 10, 1.0, 1, False),
+    (["a red circle"], 1, 10, 1.0, 2, False),  # diffusers' guided branch only handles batch 1
+    (["a red circle", "a green square"], 2, 10, 1.0, 1, False),
+    (["a red circle", "a green square"], 2, 10, 1.0, 1, True),
+]
+
+
+@pytest.mark.parametrize("prompts,n_images,steps,guidance,per_prompt,as_list", CASES)
+def test_matches_diffusers_cycle_diffusion(components, prompts, n_images, steps, guidance, per_prompt, as_list):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = diffusers.CycleDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    theirs.set_progress_bar_config(disable=True)
+    ours = CycleDiffusionPipeline.from_diffusers(**components)
+    sources = ["a blue circle"] * len(prompts)
+    kwargs = dict(
+        strength=0.8,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        source_guidance_scale=1.0,
+        eta=0.1,
+        num_images_per_prompt=per_prompt,
+        output_type="np",
+    )
+    count = len(prompts) * per_prompt if as_list else None
+    image = images(n_images) if n_images > 1 else images(1)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs(
+            prompt=prompts, source_prompt=sources, image=image, generator=generators(5, count), **kwargs
+        ).images
+    got = ours(prompt=prompts, source_prompt=sources, image=image, generator=generators(5, count), **kwargs).images
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected - 0.5).mean()  # not trivially equal (e.g. blank)
+
+
+def test_skips_the_unconditional_source_pass(components):
+    """With source guidance 1 the source chain needs no unconditional prediction: 3 rows per call, not 4."""
+    ours = CycleDiffusionPipeline.from_diffusers(**components)
+    rows = []
+    hook = ours.denoiser.unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    ours(
+        "a red circle",
+        "a blue circle",
+        images(1)[0],
+        num_inference_steps=5,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    hook.remove()
+    assert rows == [3] * 4
+
+
+def test_loads_a_saved_stable_diffusion_folder(components, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = diffusers.StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    sd.save_pretrained(tmp_path / "sd")
+    loaded = CycleDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    direct = CycleDiffusionPipeline.from_diffusers(**components)
+    kwargs = dict(num_inference_steps=4, guidance_scale=2.0, output_type="np")
+    a = loaded("a red circle", "a blue circle", images(1)[0], generator=torch.Generator().manual_seed(1), **kwargs)
+    b = direct("a red circle", "a blue circle", images(1)[0], generator=torch.Generator().manual_seed(1), **kwargs)
+    np.testing.assert_allclose(a.images, b.images, atol=1e-6)
+
+
+def test_refuses_schedulers_it_cannot_reproduce(components):
+    clipped = diffusers.DDIMScheduler(clip_sample=True)
+    with pytest.raises(ValueError, match="clip_sample"):
+        CycleDiffusionPipeline.from_diffusers(**{**components, "scheduler": clipped})
