@@ -228,3 +228,48 @@ def test_colour_edit_changes_the_colour_and_keeps_the_shape(trained):
     assert cycle > sdedit + 0.05, (
         f"CycleDiffusion {ious['cycle']} should keep shapes better than SDEdit {ious['sdedit']}"
     )
+
+
+# ---------------------------------------------------------------- the commands
+@pytest.fixture
+def saved_model(tmp_path):
+    from PIL import Image
+
+    cycle_pipeline(vae=True).save_pretrained(tmp_path / "run" / "model")
+    Image.fromarray((pictures(1)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    return tmp_path
+
+
+def test_cli_edit_and_translate_write_pngs(saved_model, capsys):
+    from PIL import Image
+
+    from cyclediffusion.cli import main
+
+    common = ["--image", str(saved_model / "in.png"), "--steps", "4"]
+    args = ["edit", "--model", str(saved_model / "run"), "--source-prompt", "a red square", "--prompt", "a blue circle"]
+    assert main([*args, *common, "--num-images", "2", "--out", str(saved_model / "e.png")]) == 0
+    assert Image.open(saved_model / "e_1.png").size == (16, 16) and (saved_model / "e.png").is_file()
+    model = str(saved_model / "run")
+    translate = ["translate", "--source-model", model, "--target-model", model, *common, "--method", "sdedit"]
+    assert main([*translate, "--out", str(saved_model / "t.png")]) == 0
+    assert Image.open(saved_model / "t.png").size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--eta", "0"], "eta > 0"),
+        (["--strength", "2"], "strength"),
+        (["--image", "missing.png"], "not found"),
+        (["--model", "nowhere"], "does not exist"),
+    ],
+)
+def test_cli_edit_bad_input_is_one_line_and_exit_2(saved_model, capsys, monkeypatch, extra, message):
+    from cyclediffusion.cli import main
+
+    monkeypatch.chdir(saved_model)
+    args = ["edit", "--model", "run", "--image", "in.png", "--source-prompt", "a", "--prompt", "b", "--steps", "2"]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and message in lines[0], err

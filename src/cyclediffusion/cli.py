@@ -220,21 +220,11 @@ def cmd_train_captioner(args: argparse.Namespace) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
-    from PIL import Image, UnidentifiedImageError
-
     from .pipelines.caption import CaptionPipeline
     from .pipelines.storage import resolve_model_dir
 
     pipe = CaptionPipeline.from_pretrained(resolve_model_dir(args.model), device=pick_device(args.device))
-    images = []
-    for path in args.image:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image {path} not found")
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except UnidentifiedImageError as err:
-            raise ValueError(f"{path} is not an image PIL can read") from err
+    images = [open_image(path) for path in args.image]
     captions = pipe(images, num_beams=args.beams, max_length=args.max_length).captions
     for path, caption in zip(args.image, captions):
         print(caption if len(captions) == 1 else f"{path}: {caption}")
@@ -243,7 +233,6 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from .images import make_grid, save_image
     from .pipelines import Text2ImagePipeline
     from .pipelines.storage import resolve_model_dir
 
@@ -262,14 +251,72 @@ def cmd_sample(args: argparse.Namespace) -> None:
         eta=args.eta,
         output_type="pt",
     ).images
-    out = Path(args.out)
+    write_images(images, Path(args.out), nrow=n if len(prompts) > 1 else min(8, n), scale=args.scale)
+
+
+def write_images(images, out: Path, nrow: int, scale: int = 1) -> None:
+    """One PNG, or a grid at ``out`` and each image beside it (``out_0.png``, ...)."""
+    from .images import make_grid, save_image
+
     if len(images) == 1:
-        save_image(images[0], out, scale=args.scale)
+        save_image(images[0], out, scale=scale)
     else:
-        save_image(make_grid(images, nrow=n if len(prompts) > 1 else min(8, n)), out, scale=args.scale)
+        save_image(make_grid(images, nrow=nrow), out, scale=scale)
         for i, image in enumerate(images):
-            save_image(image, out.with_name(f"{out.stem}_{i}{out.suffix}"), scale=args.scale)
+            save_image(image, out.with_name(f"{out.stem}_{i}{out.suffix}"), scale=scale)
     print(f"wrote {out}" + (f" and {len(images)} single images beside it" if len(images) > 1 else ""))
+
+
+def open_image(path: str):
+    """An RGB PIL image, or a user error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{path} is not an image PIL can read") from err
+
+
+def edit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of the edit pipelines from the shared flags."""
+    import torch
+
+    n = args.num_images * len(args.prompt or [""])
+    return dict(
+        strength=args.strength,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        source_guidance_scale=args.source_guidance,
+        eta=args.eta,
+        num_images_per_prompt=args.num_images,
+        generator=[torch.Generator().manual_seed(args.seed + i) for i in range(n)],
+        method=args.method,
+        output_type="pt",
+    )
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from .pipelines import CycleDiffusionPipeline
+
+    image = open_image(args.image)
+    pipe = CycleDiffusionPipeline.from_pretrained(args.model, device=pick_device(args.device))
+    images = pipe(args.prompt, args.source_prompt, image, **edit_options(args)).images
+    write_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    from .pipelines import CycleDiffusionPipeline, translate
+
+    image = open_image(args.image)
+    device = pick_device(args.device)
+    source = CycleDiffusionPipeline.from_pretrained(args.source_model, device=device)
+    target = CycleDiffusionPipeline.from_pretrained(args.target_model, device=device)
+    prompt = args.prompt or [args.source_prompt]
+    images = translate(image, source, target, args.source_prompt, prompt, **edit_options(args)).images
+    write_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -482,7 +529,39 @@ def build_parser() -> Parser:
     flag(p, "--device", default="auto")
     flag(p, "--out", default="sample.png")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="CycleDiffusion: edit an image by changing its caption")
+    flag(p, "--model", required=True, help="run folder, model folder, or a diffusers Stable Diffusion folder")
+    flag(p, "--source-prompt", required=True, help="what the image shows")
+    flag(p, "--prompt", action="append", required=True, help="what it should show (repeatable)")
+    add_edit_flags(p, guidance=2.0)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("translate", help="unpaired translation between two models sharing a VAE (CycleDiffusion)")
+    flag(p, "--source-model", required=True, help="model of the image's domain")
+    flag(p, "--target-model", required=True, help="model of the domain to translate to")
+    flag(p, "--source-prompt", default="", help="caption under the source model (default: empty)")
+    flag(p, "--prompt", action="append", default=None, help="caption under the target model (default: the source's)")
+    add_edit_flags(p, guidance=1.0)
+    p.set_defaults(func=cmd_translate)
     return parser
+
+
+def add_edit_flags(p: argparse.ArgumentParser, guidance: float) -> None:
+    from .pipelines.cycle import METHODS
+
+    flag(p, "--image", required=True, help="input image")
+    flag(p, "--method", choices=list(METHODS), default="cycle", help="cycle (default), sdedit or ddim_inversion")
+    flag(p, "--strength", type=float, default=0.8, help="how far into the chain to start, in [0, 1] (default 0.8)")
+    flag(p, "--eta", type=float, default=0.1, help="DDIM stochasticity, > 0 for cycle (default 0.1)")
+    flag(p, "--guidance", type=float, default=guidance, help=f"guidance of the target chain (default {guidance:g})")
+    flag(p, "--source-guidance", type=float, default=1.0, help="guidance of the source chain (default 1)")
+    flag(p, "--steps", type=positive_int, default=100, help="steps of the full chain (default 100)")
+    flag(p, "--seed", type=int, default=0)
+    flag(p, "--num-images", type=positive_int, default=1, help="edits per prompt")
+    flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")
+    flag(p, "--device", default="auto")
+    flag(p, "--out", default="edited.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
