@@ -100,6 +100,18 @@ def tiny_pipeline(
     ).eval()
 
 
+def squares(n: int = 8, size: int = 16) -> torch.Tensor:
+    """Fixed images in [-1, 1]: a coloured square on a grey background."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.full((n, 3, size, size), -0.5)
+    for i in range(n):
+        colour = torch.rand(3, generator=g) * 2 - 1
+        side = int(torch.randint(4, 9, (1,), generator=g))
+        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
+        images[i, :, y : y + side, x : x + side] = colour[:, None, None]
+    return images
+
+
 def two_caption_world(size: int = 16) -> tuple[torch.Tensor, list[str]]:
     """8 images in [-1, 1]: 4 red squares and 4 blue discs at different places, with their captions."""
     images, captions = [], []

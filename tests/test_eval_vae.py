@@ -15,23 +15,11 @@ from cyclediffusion.eval import evaluate_vae, find_vae_dir, holdout_subset, psnr
 from cyclediffusion.eval.vae_eval import PSNR_CAP
 from cyclediffusion.models.vae import measure_latent_scaling
 
-from helpers import tiny_pipeline, tiny_vae
+from helpers import squares, tiny_pipeline, tiny_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C1, C2 = 0.01**2, 0.03**2
-
-
-def squares(n: int = 8, size: int = 16, seed: int = 1) -> torch.Tensor:
-    """Images in [-1, 1]: a coloured square on a grey background."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.full((n, 3, size, size), -0.5)
-    for i in range(n):
-        colour = torch.rand(3, generator=g) * 2 - 1
-        side = int(torch.randint(4, 9, (1,), generator=g))
-        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
-        images[i, :, y : y + side, x : x + side] = colour[:, None, None]
-    return images
 
 
 # --------------------------------------------------------------------------- PSNR

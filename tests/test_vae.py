@@ -9,6 +9,8 @@ import torch
 
 from cyclediffusion.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, measure_latent_scaling
 
+from helpers import squares
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -16,18 +18,6 @@ def tiny_vae(block_channels: tuple[int, ...] = (16, 32, 32), **overrides) -> Aut
     torch.manual_seed(0)
     config = VAEConfig(block_channels=block_channels, layers_per_block=1, norm_groups=8, **overrides)
     return AutoencoderKL(config)
-
-
-def squares(n: int = 8, size: int = 16) -> torch.Tensor:
-    """Fixed images in [-1, 1]: a coloured square on a grey background."""
-    g = torch.Generator().manual_seed(1)
-    images = torch.full((n, 3, size, size), -0.5)
-    for i in range(n):
-        colour = torch.rand(3, generator=g) * 2 - 1
-        side = int(torch.randint(4, 9, (1,), generator=g))
-        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
-        images[i, :, y : y + side, x : x + side] = colour[:, None, None]
-    return images
 
 
 @pytest.mark.parametrize("channels, factor", [((16, 32, 32, 32), 8), ((16, 32, 32), 4), ((16, 32), 2)])

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import Configurable
 from .dit import sincos_pos_embed_2d
-from .layers import Attention, Mlp, ResBlock
+from .layers import Attention, Mlp, ResBlock, SelfAttentionBlock
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -77,21 +77,6 @@ def caption_loss(
     return per_caption.sum() if reduction == "sum" else per_caption.mean()
 
 
-class EncoderBlock(nn.Module):
-    """Pre-LN transformer block with bidirectional self-attention over the patch tokens."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, bias=True)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, mlp_ratio)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class DecoderBlock(nn.Module):
     """Pre-LN block: causal self-attention over the tokens, cross-attention to the image, MLP."""
 
@@ -124,7 +109,7 @@ class ImageEncoder(nn.Module):
         self.res = ResBlock(config.stem_channels, config.stem_channels, groups=8)
         self.patch = nn.Conv2d(config.stem_channels, config.width, config.patch_size, stride=config.patch_size)
         self.blocks = nn.ModuleList(
-            EncoderBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.encoder_layers)
+            SelfAttentionBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.encoder_layers)
         )
         self.norm_out = nn.LayerNorm(config.width)
 

@@ -105,6 +105,22 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class SelfAttentionBlock(nn.Module):
+    """Pre-LN transformer block: self-attention (causal or not) and an MLP, each with a residual."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, bias=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=self.causal)
+        return x + self.mlp(self.norm2(x))
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv residual block, with an optional additive time embedding."""
 

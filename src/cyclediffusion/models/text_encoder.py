@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import Configurable
-from .layers import Attention, Mlp
+from .layers import SelfAttentionBlock
 
 
 @dataclass
@@ -34,21 +34,6 @@ class TextEncoderOutput:
     pooled: torch.Tensor
 
 
-class TextEncoderBlock(nn.Module):
-    """Pre-LN transformer block with causal self-attention."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, bias=True)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, mlp_ratio)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), causal=True)
-        return x + self.mlp(self.norm2(x))
-
-
 class TextEncoder(nn.Module, Configurable):
     """Token + learned position embeddings, causal transformer blocks, final LayerNorm.
 
@@ -65,7 +50,7 @@ class TextEncoder(nn.Module, Configurable):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Parameter(torch.zeros(config.max_length, config.width))
         self.blocks = nn.ModuleList(
-            TextEncoderBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.layers)
+            SelfAttentionBlock(config.width, config.heads, config.mlp_ratio, causal=True) for _ in range(config.layers)
         )
         self.final_norm = nn.LayerNorm(config.width)
         self.projection = nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None

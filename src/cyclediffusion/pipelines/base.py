@@ -88,16 +88,18 @@ def expand_rows(x: torch.Tensor, num_prompts: int, num_images_per_prompt: int) -
 
 
 class DiffusionPipeline:
-    """Holds the components, moves them, saves and loads them.
-
-    Subclasses name their components in ``component_names`` (constructor arguments, in order).
-    """
+    """A text-conditioned diffusion model's components: holds them, moves them, saves and loads them, and
+    encodes prompts, guides predictions and converts images for the pipelines built on it."""
 
     component_names: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "denoiser", "noise_process")
 
-    def __init__(self, **components: Any) -> None:
-        for name in self.component_names:
-            setattr(self, name, components.get(name))
+    def __init__(self, tokenizer, text_encoder, vae, denoiser, noise_process) -> None:
+        """``vae=None`` means the denoiser works on pixels."""
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.denoiser = denoiser
+        self.noise_process = noise_process
 
     @property
     def components(self) -> dict[str, Any]:

@@ -41,15 +41,6 @@ class CycleDiffusionPipeline(DiffusionPipeline):
     project (:meth:`from_pretrained`) and diffusers' Stable Diffusion components (:meth:`from_diffusers`).
     """
 
-    def __init__(self, tokenizer, text_encoder, vae, denoiser, noise_process) -> None:  # noqa: D107
-        super().__init__(
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            vae=vae,
-            denoiser=denoiser,
-            noise_process=noise_process,
-        )
-
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> CycleDiffusionPipeline:
         """Load a model trained by this project (its folder or run folder), or a diffusers Stable Diffusion

@@ -17,15 +17,6 @@ class Text2ImagePipeline(DiffusionPipeline):
     :mod:`cyclediffusion.diffusion` and any denoiser with the ``(x, t, context, pooled)`` interface.
     """
 
-    def __init__(self, tokenizer, text_encoder, vae, denoiser, noise_process) -> None:  # noqa: D107
-        super().__init__(
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            vae=vae,
-            denoiser=denoiser,
-            noise_process=noise_process,
-        )
-
     @torch.no_grad()
     def __call__(
         self,
