@@ -13,8 +13,11 @@ Per (kind, method, strength), over the images:
 
 - success: ShapesEval reads exactly one object and it has the target's new attribute (colour, shape, or both);
 - kept: ... and the attribute the edit did not touch is still there (shape for colour edits, colour for shape edits);
-- IoU: of the object masks before and after (pixels farther than ``FOREGROUND_DISTANCE`` from the background grey);
-- PSNR-out: dB over the pixels outside both masks (dilated by a pixel), i.e. how well the background survives.
+- IoU: of the edited image's object mask with the ideal edit's (the target object rendered exactly where the source
+  object was: 1 for a perfect edit of any kind); masks are the pixels at least half way from the background grey to a
+  palette colour. ``iou_source`` in the JSON is the IoU with the source object's mask (below 1 for a perfect shape
+  edit: a circle covers pi/4 of its box, a triangle 1/2);
+- PSNR-out: dB over the pixels outside the source, ideal and edited masks (dilated by a pixel): the background.
 
 The first rows (``reconstruction``) are the image through the VAE and back (strength 0): the ceiling of IoU and
 PSNR-out in this latent space. The summary compares methods at matched success: for each success level, the strength
@@ -39,6 +42,7 @@ from common import machine_line, versions_line
 from cyclediffusion import CycleDiffusionPipeline, Tokenizer
 from cyclediffusion.data.shapes import (
     BACKGROUND,
+    COLOURS,
     DEFAULT_COLOURS,
     SHAPES,
     Prompt,
@@ -49,6 +53,7 @@ from cyclediffusion.data.shapes import (
     scene_rng,
 )
 from cyclediffusion.eval import detect_objects, score
+from cyclediffusion.eval.shapes_eval import FOREGROUND
 from cyclediffusion.images import make_grid, save_image
 from cyclediffusion.pipelines import METHODS
 from cyclediffusion.training.train import (
@@ -61,9 +66,8 @@ from cyclediffusion.training.train import (
 
 KINDS = ("colour", "shape", "both")
 STRENGTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
-LEVELS = (0.5, 0.7, 0.9)  # success levels of the matched-success summary
+LEVELS = (0.25, 0.5, 0.75)  # success levels of the matched-success summary
 GRID_STRENGTH = 0.8
-FOREGROUND_DISTANCE = 70.0  # RGB distance from BACKGROUND past which a pixel is object (~half-way to green, 147)
 PSNR_CAP = 100.0  # dB, for pixels that are exactly equal
 
 
@@ -80,7 +84,8 @@ def edit_target(prompt: Prompt, kind: str, rng: np.random.Generator) -> Prompt:
 
 
 def make_cases(n: int, size: int, seed: int) -> list[dict]:
-    """``n`` single-object scenes per kind, their renders and their source and target captions."""
+    """``n`` single-object scenes per kind: render, scene, target prompt and the ideal edit's render (the target
+    object in the source object's place, on the same background)."""
     world = ShapesConfig(size=size, kinds={"single": 1.0})
     cases = []
     for k, kind in enumerate(KINDS):
@@ -88,15 +93,23 @@ def make_cases(n: int, size: int, seed: int) -> list[dict]:
         for i in range(n):
             scene = sample_scene(scene_rng(seed, k * n + i), world)
             target = edit_target(scene.prompt, kind, rng)
+            edited = replace(scene.objects[0], colour=target.colours[0], shape=target.shapes[0])
             image = np.asarray(render(scene, size))
-            cases.append({"kind": kind, "scene": scene, "image": image, "target": target})
+            ideal = np.asarray(render(replace(scene, objects=(edited,), prompt=target), size))
+            cases.append({"kind": kind, "scene": scene, "image": image, "target": target, "ideal": ideal})
     return cases
 
 
 # ----------------------------------------------------------------------------- metrics
 def foreground(pixels: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels of (H, W, 3) uint8 ``pixels`` far from the background grey (the objects)."""
-    return np.linalg.norm(pixels.astype(np.float64) - np.array(BACKGROUND), axis=-1) > FOREGROUND_DISTANCE
+    """(H, W) bool: the objects of (H, W, 3) uint8 ``pixels``, by ShapesEval's rule: at least half way from the
+    background grey to a palette colour, along the nearest background-to-colour line (so that the mask of an
+    object does not depend on its colour, as a plain distance from the grey would)."""
+    v = pixels.astype(np.float64) - np.array(BACKGROUND, dtype=np.float64)
+    d = np.array(list(COLOURS.values()), dtype=np.float64) - np.array(BACKGROUND, dtype=np.float64)
+    t = np.clip(v @ d.T / (d * d).sum(1), 0, 1)  # (H, W, K) how far along each line
+    nearest = np.linalg.norm(v[..., None, :] - t[..., None] * d, axis=-1).argmin(-1)
+    return np.take_along_axis(t, nearest[..., None], -1)[..., 0] >= FOREGROUND
 
 
 def dilate(mask: np.ndarray, r: int = 1) -> np.ndarray:
@@ -125,9 +138,11 @@ def measure(case: dict, edited: np.ndarray, target: Prompt | None = None) -> dic
     """Success, kept, IoU and PSNR-out of one edited image (uint8 (H, W, 3)); ``target`` None: no edit asked."""
     source = case["image"]
     src_mask, out_mask = foreground(source), foreground(edited)
+    ideal_mask = src_mask if target is None else foreground(case["ideal"])
     record = {
-        "iou": iou(src_mask, out_mask),
-        "psnr_out": psnr_outside(source, edited, dilate(src_mask | out_mask)),
+        "iou": iou(ideal_mask, out_mask),
+        "iou_source": iou(src_mask, out_mask),
+        "psnr_out": psnr_outside(source, edited, dilate(src_mask | ideal_mask | out_mask)),
     }
     if target is not None:
         result = score(target, detect_objects(edited))
@@ -151,6 +166,7 @@ def summarise(records: list[dict]) -> dict:
         "success": mean(r.get("success") for r in records),
         "kept": mean(r.get("kept") for r in records),
         "iou": mean(r["iou"] for r in records),
+        "iou_source": mean(r["iou_source"] for r in records),
         "psnr_out": mean(r["psnr_out"] for r in records),
     }
 

@@ -76,3 +76,30 @@ def test_quality_per_compute_quick(capsys, tmp_path):
         assert all(math.isfinite(float(v)) and 0 <= float(v) <= 1 for v in row[2:])
     saved = json.loads((tmp_path / "quality_per_compute.json").read_text())
     assert [r["steps"] for r in saved] == [int(r[1]) for r in rows] and saved[0]["train_seconds"] > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cycle_ablation_quick(capsys, tmp_path):
+    load("cycle_ablation").main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "\nversions: python " in out and "ShapesEval: " in out
+    printed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert printed[0] == "config" and printed[2:] == ["start", "w0", "w0.5"]
+    from cyclediffusion.eval import CATEGORIES
+
+    saved = json.loads((tmp_path / "cycle_ablation.json").read_text())
+    categories = set(saved["start"]["accuracy"])
+    assert categories == set(CATEGORIES) and 0 <= saved["start"]["overall"] <= 1
+    assert [c["name"] for c in saved["configs"]] == ["w0", "w0.5"]
+    plain, cycle = saved["configs"]
+    assert plain["cycle"] is None and cycle["cycle"]["weight"] == 0.5
+    for config in saved["configs"]:
+        (run,) = config["runs"]
+        assert run["seed"] == 0 and run["steps"] == 3 and math.isfinite(run["denoise_loss"])
+        assert (tmp_path / f"{config['name']}_s0" / "shapes_eval.json").is_file()
+        summary = config["summary"]
+        assert set(summary["accuracy"]) == categories
+        for stats in [summary["overall"], *summary["accuracy"].values()]:
+            assert stats["n"] == 1 and 0 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1
+    assert plain["runs"][0]["cycle_loss"] is None and cycle["runs"][0]["cycle_loss"] > 0
+    assert "overall_minus_w0" in cycle["summary"] and "overall_minus_w0" not in plain["summary"]
