@@ -103,3 +103,10 @@ def test_cycle_ablation_quick(capsys, tmp_path):
             assert stats["n"] == 1 and 0 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1
     assert plain["runs"][0]["cycle_loss"] is None and cycle["runs"][0]["cycle_loss"] > 0
     assert "overall_minus_w0" in cycle["summary"] and "overall_minus_w0" not in plain["summary"]
+
+
+def test_edit_speed_quick(capsys, one_thread):
+    pytest.importorskip("diffusers")
+    rows = load("edit_speed").main(["--quick", "--device", "cpu"])
+    assert len(rows) == 1 and rows[0]["ours_s"] > 0 and rows[0]["diffusers_s"] > 0
+    assert "speed-up" in capsys.readouterr().out

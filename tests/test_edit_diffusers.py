@@ -5,8 +5,9 @@ Tiny components are built from configs (nothing is downloaded); the CLIP tokeniz
 
 from __future__ import annotations
 
-import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,90 +19,13 @@ transformers = pytest.importorskip("transformers")
 
 from cyclediffusion import CycleDiffusionPipeline  # noqa: E402
 
-WORDS = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def clip_tokenizer(tmp_path) -> transformers.CLIPTokenizer:
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for word in WORDS:  # merge each word left to right into one token
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            if pieces[0] not in vocab:
-                vocab.append(pieces[0])
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (tmp_path / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    tok.model_max_length = 16
-    return tok
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from tiny_sd import tiny_stable_diffusion  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-    )
-    tokenizer = clip_tokenizer(tmp_path_factory.mktemp("clip"))
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=16,
-        )
-    )
-    scheduler = diffusers.DDIMScheduler(  # Stable Diffusion's scheduler config
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    for module in (unet, vae, text_encoder):
-        module.eval()
-    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    return tiny_stable_diffusion(tmp_path_factory.mktemp("clip"))
 
 
 def images(n: int) -> list[Image.Image]:
