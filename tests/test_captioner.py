@@ -179,3 +179,16 @@ def test_cli_captioner_errors_are_one_line(tmp_path, monkeypatch, capsys, args, 
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if "cyclediffusion" in line]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_shapes_verdict_judges_whether_a_caption_is_true_of_the_image():
+    from cyclediffusion.eval.caption_eval import shapes_verdict
+
+    image, scene = next(iter(generate(1, ShapesConfig(size=32, kinds={"single": 1.0}), seed=3)))
+    pixels = pil_to_tensor(image)
+    obj = scene.objects[0]
+    other = next(c for c in ("red", "blue") if c != obj.colour)
+    assert shapes_verdict(scene.caption, f"a {obj.colour} {obj.shape}", pixels) is True  # unsaid size: still true
+    assert shapes_verdict(scene.caption, f"a {other} {obj.shape}", pixels) is False
+    assert shapes_verdict(scene.caption, "gibberish words", pixels) is False
+    assert shapes_verdict("a photo of a cat", "a photo of a cat", pixels) is None  # not the shapes world

@@ -1,4 +1,5 @@
-"""Captioner scores on held-out images: exact match of the generated caption and teacher-forced token accuracy."""
+"""Captioner scores on held-out images: exact match of the generated caption, teacher-forced token accuracy, and,
+on the shapes world, whether the generated caption is *true* of the image (judged by ShapesEval's scorer)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ from ..pipelines.caption import CaptionPipeline
 class CaptionScores:
     """``exact_match``: share of images whose generated caption equals the reference (after the
     tokenizer's normalisation and truncation); ``token_accuracy``: share of reference tokens (eos
-    included, padding not) that the captioner ranks first given the reference prefix; a few examples."""
+    included, padding not) that the captioner ranks first given the reference prefix; ``shapes_correct``: share of
+    images whose generated caption ShapesEval's scorer finds true of the image (None unless every reference is a
+    shapes-world caption). The shapes grammar leaves size and position unsaid at random, so one image has several
+    right captions and exact match cannot reach 1 there; ``shapes_correct`` can. A few examples."""
 
     exact_match: float
     token_accuracy: float
     count: int
+    shapes_correct: float | None = None
     examples: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -41,6 +46,7 @@ def evaluate_captioner(
     pipe.eval()
     pad = pipe.tokenizer.pad_token_id
     exact, correct, total, examples = 0, 0, 0, []
+    true_of_image: list[bool] | None = []
     try:
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -53,10 +59,32 @@ def evaluate_captioner(
             total += int(mask.sum())
             references = pipe.tokenizer.batch_decode(ids.cpu())
             generated = pipe(pixels, num_beams=num_beams).captions
-            for reference, caption in zip(references, generated):
+            for reference, caption, image in zip(references, generated, pixels):
                 exact += caption == reference
+                if true_of_image is not None:
+                    verdict = shapes_verdict(reference, caption, image)
+                    true_of_image = None if verdict is None else [*true_of_image, verdict]
                 if len(examples) < num_examples:
                     examples.append({"reference": reference, "generated": caption})
     finally:
         pipe.captioner.train(was_training)
-    return CaptionScores(exact / len(dataset), correct / max(1, total), len(dataset), examples)
+    shapes = None if not true_of_image else sum(true_of_image) / len(true_of_image)
+    return CaptionScores(exact / len(dataset), correct / max(1, total), len(dataset), shapes, examples)
+
+
+def shapes_verdict(reference: str, caption: str, image: torch.Tensor) -> bool | None:
+    """Whether ``caption`` is true of ``image`` ((3, H, W) in [-1, 1]) by ShapesEval; None if ``reference`` is not a
+    shapes-world caption (then the data is not the shapes world)."""
+    from ..data.shapes import parse_caption
+    from .shapes_eval import detect_objects, score
+
+    try:
+        parse_caption(reference)
+    except ValueError:
+        return None
+    try:
+        prompt = parse_caption(caption)
+    except ValueError:
+        return False
+    array = ((image.float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+    return bool(score(prompt, detect_objects(array))["correct"])

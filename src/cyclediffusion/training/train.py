@@ -596,11 +596,13 @@ def train_captioner(data: DataOptions, run: RunOptions, options: CaptionerOption
             held_out = Subset(images, range(n_train, len(images)))
             scores = evaluate_captioner(module.to_pipeline(), held_out, num_beams=options.num_beams)
             write_json(out / "eval.json", scores.to_json())
+            true_of_image = "" if scores.shapes_correct is None else f", true of the image {scores.shapes_correct:.3f}"
             log.info(
-                "held-out captions (%d images): exact match %.3f, token accuracy %.3f",
+                "held-out captions (%d images): exact match %.3f, token accuracy %.3f%s",
                 scores.count,
                 scores.exact_match,
                 scores.token_accuracy,
+                true_of_image,
             )
     return out / "model"
 
