@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 from cyclediffusion import (
@@ -229,3 +233,17 @@ def inputs(batch: int, size: tuple[int, int] = (8, 8), seed: int = 1) -> tuple[t
 def denoiser(backbone: str, **overrides) -> UNet | DiT:
     """``tiny_unet`` or ``tiny_dit`` (zero-initialised layers randomised)."""
     return tiny_unet(**overrides) if backbone == "unet" else tiny_dit(**overrides)
+
+
+# ---------------------------------------------------------------- benchmark scripts
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (its sibling imports work)."""
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helpers (common.py) as a sibling
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import Configurable
 from .dit import sincos_pos_embed_2d
-from .layers import Attention, Mlp, ResBlock, SelfAttentionBlock
+from .layers import Attention, Mlp, ResBlock, SelfAttentionBlock, init_transformer_weights
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -146,12 +146,7 @@ class Captioner(nn.Module, Configurable):
 
     def initialize_weights(self) -> None:
         """Normal(0, 0.02) linear and embedding weights with zero biases; small random positions."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        nn.init.normal_(self.position_embedding, std=0.01)
+        init_transformer_weights(self, self.position_embedding)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, N, width) of images in [-1, 1]."""

@@ -105,6 +105,17 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def init_transformer_weights(model: nn.Module, position_embedding: nn.Parameter) -> None:
+    """GPT/CLIP-style initialisation: Normal(0, 0.02) linear and embedding weights, zero biases, small random
+    learned positions (LayerNorms stay at identity)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(position_embedding, std=0.01)
+
+
 class SelfAttentionBlock(nn.Module):
     """Pre-LN transformer block: self-attention (causal or not) and an MLP, each with a residual."""
 

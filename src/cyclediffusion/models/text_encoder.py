@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import Configurable
-from .layers import SelfAttentionBlock
+from .layers import SelfAttentionBlock, init_transformer_weights
 
 
 @dataclass
@@ -58,12 +58,7 @@ class TextEncoder(nn.Module, Configurable):
 
     def initialize_weights(self) -> None:
         """Normal(0, 0.02) embeddings and linear weights, zero biases, identity LayerNorms."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        nn.init.normal_(self.position_embedding, std=0.01)
+        init_transformer_weights(self, self.position_embedding)
 
     @property
     def hidden_size(self) -> int:
