@@ -166,15 +166,15 @@ def edit(
     tgt = target.prompt_guidance(prompts, guidance_scale, num_images_per_prompt)
     src = source.prompt_guidance(sources, source_guidance_scale, num_images_per_prompt)
     callback = every(callback, callback_steps)
+    target_fn = lambda x, t: target.guided_predictions([x], t, [tgt])[0]  # noqa: E731
     if method == "ddim_inversion":
         x = process.invert(lambda x, t: source.guided_predictions([x], t, [src])[0], x0, grid)
-        x = target.noise_process.denoise(lambda x, t: target.guided_predictions([x], t, [tgt])[0], x, grid, 0.0)
+        x = target.noise_process.denoise(target_fn, x, grid, 0.0, callback=callback)
         return target.postprocess(x, output_type)
 
     x = process.add_noise(x0, randn(x0.shape, generator, x0.device), grid[0][0])
     if method == "sdedit":
-        model_fn = lambda x, t: target.guided_predictions([x], t, [tgt])[0]  # noqa: E731
-        x = target.noise_process.denoise(model_fn, x, grid, eta, generator, callback)
+        x = target.noise_process.denoise(target_fn, x, grid, eta, generator, callback)
         return target.postprocess(x, output_type)
 
     predict = paired_predictions(source, target, src, tgt)
