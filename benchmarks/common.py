@@ -49,3 +49,9 @@ def peak_rss_mib() -> float:
     """The process's peak resident set size so far (``ru_maxrss``: a high-water mark, never lowered), MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def training_device() -> tuple[str, str]:
+    """``(device, Lightning precision)``: bf16-mixed on a GPU that has it, fp32 on the CPU (bf16 is slow there)."""
+    gpu = torch.cuda.is_available()
+    return ("cuda" if gpu else "cpu"), ("bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32")

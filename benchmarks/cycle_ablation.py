@@ -28,8 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-from common import machine_line, versions_line
+from common import machine_line, training_device, versions_line
 from quality_per_compute import quiet
 
 from cyclediffusion.data.shapes import ShapesConfig, write_imagefolder
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = [float(w) for w in args.weights.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     quiet()
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
-    precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32"
+    device, precision = training_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

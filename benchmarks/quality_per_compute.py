@@ -23,8 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from common import machine_line, versions_line
+from common import machine_line, training_device, versions_line
 
 from cyclediffusion.data.shapes import write_imagefolder
 from cyclediffusion.demo import DEMO_WORLD, GUIDANCE, IMAGE_SIZE, demo_prompts
@@ -76,9 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         args.samples_per_prompt, args.per_kind, args.sample_steps = 1, 2, 5
     budgets = [float(m) for m in args.minutes.split(",")]
     quiet()
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
-    precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32"
+    device, precision = training_device()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
