@@ -22,6 +22,7 @@ difference from W = 0 paired by seed (same data order, same sampling noise); ``O
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycle-t-max", type=float, default=None, help="default: CycleConfig's (T // 5, or 0.2)")
     parser.add_argument("--cycle-fraction", type=float, default=CycleConfig.fraction, help="share of the batch")
     parser.add_argument("--cycle-every", type=int, default=CycleConfig.every, help="cycle term every N steps")
+    parser.add_argument("--cycle-mode", choices=["x0", "last-k"], default=CycleConfig.mode, help="x0 or last-k")
+    parser.add_argument("--cycle-k", type=int, default=CycleConfig.k, help="last-k: sampler steps with gradient")
+    parser.add_argument("--cycle-sample-steps", type=int, default=CycleConfig.sample_steps, help="last-k: steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=20)
@@ -169,7 +173,19 @@ def main(argv: list[str] | None = None) -> None:
     cache = [Path(args.init_from)]  # the starting run's latents serve when its data options were the same
     configs = []
     for weight in weights:
-        cycle = CycleConfig(weight, args.cycle_t_max, args.cycle_every, args.cycle_fraction) if weight else None
+        cycle = (
+            CycleConfig(
+                weight,
+                args.cycle_t_max,
+                args.cycle_every,
+                args.cycle_fraction,
+                args.cycle_mode,
+                args.cycle_k,
+                args.cycle_sample_steps,
+            )
+            if weight
+            else None
+        )
         runs = []
         for seed in seeds:
             run = out / f"w{weight:g}_s{seed}"
@@ -202,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append({"seed": seed, "steps": steps, "train_seconds": seconds, **losses, **result})
         summary = {key: spread([r[key] for r in runs]) for key in ("overall", "steps", "denoise_loss", "cycle_loss")}
         summary["accuracy"] = {c: spread([r["accuracy"][c] for r in runs]) for c in CATEGORIES}
-        settings = None if cycle is None else {k: getattr(cycle, k) for k in ("weight", "t_max", "every", "fraction")}
+        settings = None if cycle is None else dataclasses.asdict(cycle)
         configs.append({"name": f"w{weight:g}", "weight": weight, "cycle": settings, "runs": runs, "summary": summary})
     baseline = next((c for c in configs if c["weight"] == 0), None)
     for config in configs:  # paired by seed: the same data order and sampling noise on both sides
@@ -212,13 +228,16 @@ def main(argv: list[str] | None = None) -> None:
 
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     t_max = "default" if args.cycle_t_max is None else f"{args.cycle_t_max:g}"
+    mode = f"x0 (t_max {t_max})"
+    if args.cycle_mode == "last-k":
+        mode = f"last-k (k {args.cycle_k} of {args.cycle_sample_steps})"
     header = [
         machine_line(device),
         versions_line(),
         f"start: {start_dir} ({image_size} px); data: {args.data}; captioner: {args.captioner}",
         f"fine-tune: {budget} per run, batch {args.batch_size}, lr {args.lr:g} (warmup {args.warmup}), "
         f"EMA {args.ema_decay:g}, precision {precision}, cached latents; seeds {args.seeds}",
-        f"cycle: weights {args.weights}, t_max {t_max}, fraction {args.cycle_fraction:g}, every {args.cycle_every}",
+        f"cycle: weights {args.weights}, mode {mode}, fraction {args.cycle_fraction:g}, every {args.cycle_every}",
         f"ShapesEval: {len({e.text for e in suite})} prompts x {args.samples_per_prompt} samples, "
         f"{args.sample_steps} steps, guidance {args.guidance:g}; mean±std over seeds; losses: mean of the last "
         f"{FINAL_ROWS} logged steps",

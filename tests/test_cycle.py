@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from test_captioner import SIZE, tiny_captioner
-from test_training import final_weights, metrics, run_cli, tiny_model, tiny_run, write_folder
+from test_training import TINY_FLAGS, cli, final_weights, metrics, run_cli, tiny_model, tiny_run, write_folder
 
 from cyclediffusion import create_noise_process
 from cyclediffusion.pipelines.caption import CaptionPipeline
@@ -73,9 +73,9 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("backbone,process,space", CONFIGS)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_cycle_gradient_reaches_only_denoiser_and_text_encoder(one_thread, backbone, process, space, batch):
-    module = build(backbone, process, space, fraction=0.5)
+@pytest.mark.parametrize("batch,mode", [(1, "x0"), (3, "x0"), (3, "last-k")])
+def test_cycle_gradient_reaches_only_denoiser_and_text_encoder(one_thread, backbone, process, space, batch, mode):
+    module = build(backbone, process, space, fraction=0.5, mode=mode, k=2, sample_steps=3)
     out = module.step_losses(make_batch(module, space, batch))
     assert out.cycle is not None and out.cycle.item() > 0
     out.cycle.backward()  # the cycle term alone: the denoising term is left out
@@ -139,10 +139,10 @@ def test_cycle_every_and_t_max():
         CycleConfig(fraction=0)
 
 
-@pytest.mark.parametrize("space", ["vae", "pixels"])
-def test_ranks_together_give_the_single_process_cycle_loss(one_thread, space):
+@pytest.mark.parametrize("space,mode", [("vae", "x0"), ("pixels", "x0"), ("vae", "last-k")])
+def test_ranks_together_give_the_single_process_cycle_loss(one_thread, space, mode):
     """Rows, times and noise are drawn for the global batch: two ranks of 3 average to one process of 6."""
-    module = build("dit", "ddpm", space, fraction=0.5)
+    module = build("dit", "ddpm", space, fraction=0.5, mode=mode, sample_steps=4)
     batch = make_batch(module, space, 6)
     x0 = module.clean_latents(batch, module.step_generator(0))
     single = module.cycle_loss(x0, batch["caption"], module.step_generator(0, 1))
@@ -153,6 +153,35 @@ def test_ranks_together_give_the_single_process_cycle_loss(one_thread, space):
         rows = slice(3 * rank, 3 * rank + 3)
         per_rank.append(module.cycle_loss(x0[rows], batch["caption"][rows], module.step_generator(0, 1)))
     torch.testing.assert_close(sum(per_rank) / 2, single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_last_k_draws_the_sampler_image_with_gradient_through_k_steps(one_thread, process):
+    """last-k is the plain deterministic sampler from the same noise, and its gradient runs through k calls."""
+    module = build("unet", process, "pixels", mode="last-k", k=2, sample_steps=4)
+    text = module.text_encoder(module.tokenizer(CAPTIONS[:2]).input_ids)
+    noise = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    drawn = module.draw_last_k(noise, text)
+    pipe = module.to_pipeline()
+    with torch.no_grad():
+        model_fn = lambda x, s: module.denoiser(x, s, text.hidden_states, text.pooled)  # noqa: E731
+        reference = pipe.noise_process.denoise(model_fn, noise, pipe.noise_process.grid(4))
+    torch.testing.assert_close(drawn, reference, rtol=1e-5, atol=1e-5)
+    assert drawn.requires_grad
+
+    def denoiser_grads(k: int) -> list[torch.Tensor]:
+        module.zero_grad()
+        module.cycle.k = k
+        module.draw_last_k(noise, detached).square().sum().backward()
+        return [p.grad.clone() for p in module.denoiser.parameters()]
+
+    # the same image either way, but with k = 2 the gradient also flows through the second-to-last call
+    with torch.no_grad():
+        detached = module.text_encoder(module.tokenizer(CAPTIONS[:2]).input_ids)
+    one, two = denoiser_grads(1), denoiser_grads(2)
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(one, two))
+    with pytest.raises(ValueError, match="k <= sample_steps"):
+        CycleConfig(mode="last-k", k=5, sample_steps=4)
 
 
 def save_captioner(tmp_path, data) -> str:
@@ -194,6 +223,23 @@ def test_cli_fine_tune_with_the_cycle_loss(tmp_path, monkeypatch, one_thread):
     for part in ("tokenizer/tokenizer.json", "noise_process/config.json"):
         assert (tmp_path / "base" / "model" / part).read_text() == (tmp_path / "ft" / "model" / part).read_text()
     assert "train/cycle_loss" in metrics(tmp_path / "ft")[-1]
+
+
+def test_ddp_cycle_step_equals_single_process(tmp_path):
+    """Two gloo processes with half the batch each take the single process's cycle step (last-k mode)."""
+    data = write_folder(tmp_path / "data")
+    cycle = ["--captioner", save_captioner(tmp_path, data), "--cycle-weight", "0.5", "--cycle-fraction", "0.5"]
+    cycle += ["--cycle-mode", "last-k", "--cycle-sample-steps", "3"]
+    common = ["--data", str(data), "--steps", "1", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0", *cycle]
+    cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
+    cli("train", "--out", "ddp", "--batch-size", "4", "--devices", "2", "--strategy", "ddp", *common, cwd=tmp_path)
+    single, ddp = metrics(tmp_path / "single")[0], metrics(tmp_path / "ddp")[0]
+    assert single["train/cycle_loss"] > 0
+    for key in ("train/loss", "train/cycle_loss"):
+        assert abs(single[key] - ddp[key]) < 1e-5, (key, single[key], ddp[key])
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize(

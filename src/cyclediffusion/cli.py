@@ -196,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cycle_config(args: argparse.Namespace):
     from .training import CycleConfig
 
-    names = ("weight", "t_max", "every", "fraction", "mode")
+    names = ("weight", "t_max", "every", "fraction", "mode", "k", "sample_steps")
     given = {name: getattr(args, f"cycle_{name}") for name in names if getattr(args, f"cycle_{name}") is not None}
     if given and not args.captioner:
         raise UsageError("the --cycle-* flags need --captioner")
@@ -456,13 +456,21 @@ def build_parser() -> Parser:
     flag(g, "--max-length", type=positive_int, default=None, help="token length (default: fit the captions)")
     flag(g, "--sample-prompt", action="append", default=[], help="prompt for the sample grids (repeatable)")
     flag(g, "--init-from", default=None, help="start from an exported pipeline (run or model folder): fine-tuning")
-    g = p.add_argument_group("cycle loss (a frozen captioner reads the caption back from the one-step x0 estimate)")
+    g = p.add_argument_group("cycle loss (a frozen captioner reads the caption back from the model's image)")
     flag(g, "--captioner", default=None, help="trained captioner (train-captioner run or model folder)")
     flag(g, "--cycle-weight", type=float, default=None, help="weight of the captioner's loss (default 0.1)")
     flag(g, "--cycle-t-max", type=float, default=None, help="noise below this time (ddpm: T/5 steps, flow: 0.2)")
     flag(g, "--cycle-every", type=positive_int, default=None, help="add the term every K optimiser steps")
     flag(g, "--cycle-fraction", type=float, default=None, help="share of the batch given the term (default 0.25)")
-    flag(g, "--cycle-mode", choices=["x0"], default=None, help="x0: one-step estimate at low noise")
+    flag(
+        g,
+        "--cycle-mode",
+        choices=["x0", "last-k"],
+        default=None,
+        help="x0 (default): one-step estimate at low noise; last-k: draw from noise, gradient through the last k steps",
+    )
+    flag(g, "--cycle-k", type=positive_int, default=None, help="last-k: sampler steps with gradient (default 2)")
+    flag(g, "--cycle-sample-steps", type=positive_int, default=None, help="last-k: sampler steps in all (default 10)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-captioner", help="train an image captioner (for the cycle loss, or on its own)")

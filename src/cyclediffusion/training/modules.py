@@ -22,13 +22,13 @@ import torch
 
 from ..diffusion import NoiseProcess
 from ..diffusion.base import TrainingLoss, randn
-from ..models import AutoencoderKL, Captioner, DiagonalGaussian, TextEncoder
+from ..models import AutoencoderKL, Captioner, DiagonalGaussian, TextEncoder, TextEncoderOutput
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline, check_compatible
 from ..text import Tokenizer
 
 LOSS_BINS = 4
-CYCLE_MODES = ("x0",)
+CYCLE_MODES = ("x0", "last-k")
 CYCLE_STREAM = 1  # the cycle term draws from its own step-keyed stream: the plain step's numbers never move
 
 
@@ -152,6 +152,11 @@ class CycleConfig:
     denoiser predicts it under the true caption (never dropped), the prediction becomes the one-step
     estimate ``x0_hat``, the frozen VAE decodes it (pixel-space models use it as it is) and the frozen
     captioner scores the caption. Gradients reach the denoiser and the text encoder only.
+
+    Mode ``last-k``: the chosen rows are drawn from pure noise under their captions by a deterministic
+    DDIM sampler of ``sample_steps`` steps (flow matching: Euler), the first ``sample_steps - k`` without
+    gradient and the last ``k`` with it, so the captioner reads what the model draws from the caption
+    alone and the gradient runs back through ``k`` denoiser calls (``t_max`` is not used).
     """
 
     weight: float = 0.1
@@ -159,6 +164,8 @@ class CycleConfig:
     every: int = 1
     fraction: float = 0.25
     mode: str = "x0"
+    k: int = 2
+    sample_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -171,6 +178,8 @@ class CycleConfig:
             raise ValueError(f"unknown cycle mode {self.mode!r}; choose from {', '.join(CYCLE_MODES)}")
         if self.t_max is not None and self.t_max <= 0:
             raise ValueError(f"the cycle t_max must be positive, got {self.t_max}")
+        if not 1 <= self.k <= self.sample_steps:
+            raise ValueError(f"the cycle needs 1 <= k <= sample_steps, got {self.k} and {self.sample_steps}")
 
     def resolved_t_max(self, noise_process: NoiseProcess) -> float:
         """``t_max`` for ``noise_process``, its default filled in and its range checked."""
@@ -321,21 +330,37 @@ class DiffusionModule(StepModule):
         count = max(1, round(self.cycle.fraction * total))
         chosen = torch.zeros(total, dtype=torch.bool)
         chosen[torch.randperm(total, generator=g, device=g.device)[:count].cpu()] = True
-        t = self.low_noise_timesteps(total, g)[self.rank_rows(local)]
+        last_k = self.cycle.mode == "last-k"
+        t = None if last_k else self.low_noise_timesteps(total, g)[self.rank_rows(local)]
         noise = self.draw_normal(g, x0.shape)
         index = chosen[self.rank_rows(local)].nonzero().squeeze(1).to(self.device)
         if index.numel() == 0:  # this rank drew no cycle rows this step
             return x0.new_zeros(())
-        x0, t, noise = x0[index], t[index], noise[index]
         texts = [captions[i] for i in index.tolist()]
         text = self.text_encoder(self.tokenizer(texts).input_ids.to(self.device))
-        process = self.noise_process
-        x_t = process.add_noise(x0, noise, t)
-        prediction = self.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled)
-        x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
+        if last_k:
+            x0_hat = self.draw_last_k(noise[index], text)
+        else:
+            process, x0, t = self.noise_process, x0[index], t[index]
+            x_t = process.add_noise(x0, noise[index], t)
+            prediction = self.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled)
+            x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
         pixels = x0_hat if self.vae is None else self.vae.decode_latents(x0_hat)
         per_caption = self.captioner.loss(pixels, texts, reduction="none")
         return per_caption.sum() * world / count
+
+    def draw_last_k(self, noise: torch.Tensor, text: TextEncoderOutput) -> torch.Tensor:
+        """Sample from ``noise`` under ``text``: the cycle's sampler steps, gradient through the last ``k``."""
+        process = self.noise_process
+        grid = process.grid(self.cycle.sample_steps)
+        head, tail = grid[: -self.cycle.k], grid[-self.cycle.k :]
+
+        def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(x, s, text.hidden_states, text.pooled).float()
+
+        with torch.no_grad():
+            x = process.denoise(model_fn, noise, head)
+        return process.denoise(model_fn, x, tail)
 
     def low_noise_timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
         """``n`` times uniform below the cycle's ``t_max``, in the noise process's units."""
