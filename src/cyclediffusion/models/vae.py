@@ -17,6 +17,12 @@ from torch import nn
 from ..config import Configurable
 from .layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
 
+# The posterior's log-variance starts here (std 0.05) instead of at ~0 (std 1). With unit noise on latents whose
+# mean is still small, the decoder cannot read them and settles on the average image: on plain backgrounds a
+# 400-step VAE then drops the objects' hue (red and green vanish, yellow turns white). Starting almost
+# deterministic, it learns colour from the first steps; the KL term still shapes the variance afterwards.
+INITIAL_LOGVAR = -6.0
+
 
 class DiagonalGaussian:
     """Diagonal Gaussian over latents from a (B, 2C, h, w) tensor of means and log-variances."""
@@ -152,6 +158,8 @@ class AutoencoderKL(nn.Module, Configurable):
         self.config = config
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        with torch.no_grad():  # start nearly deterministic (see INITIAL_LOGVAR)
+            self.quant_conv.bias[config.latent_channels :].fill_(INITIAL_LOGVAR)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
