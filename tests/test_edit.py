@@ -81,7 +81,8 @@ def test_batch_with_guidance_equals_single_runs(one_thread, method):
         single = pipe(
             prompts[i], sources[i], image[i : i + 1], generator=gens(i, 1)[0], output_type="latent", **kwargs
         ).images
-        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=1e-5)
+        # fp32 kernels sum in another order at batch 3: ~1e-5 after 8 guided steps; mixing rows would be ~1e-1
+        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-4, rtol=1e-4)
 
 
 def test_images_per_prompt_and_one_image_for_many_prompts(one_thread):
