@@ -48,6 +48,7 @@ from cyclediffusion.training import (
     train_vae,
 )
 from cyclediffusion.training.callbacks import read_metrics
+from cyclediffusion.training.modules import CYCLE_MODES
 from cyclediffusion.training.train import load_captioner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycle-t-max", type=float, default=None, help="default: CycleConfig's (T // 5, or 0.2)")
     parser.add_argument("--cycle-fraction", type=float, default=CycleConfig.fraction, help="share of the batch")
     parser.add_argument("--cycle-every", type=int, default=CycleConfig.every, help="cycle term every N steps")
-    parser.add_argument("--cycle-mode", choices=["x0", "last-k"], default=CycleConfig.mode, help="x0 or last-k")
+    parser.add_argument("--cycle-mode", choices=CYCLE_MODES, default=CycleConfig.mode, help="x0 or last-k")
     parser.add_argument("--cycle-k", type=int, default=CycleConfig.k, help="last-k: sampler steps with gradient")
     parser.add_argument("--cycle-sample-steps", type=int, default=CycleConfig.sample_steps, help="last-k: steps")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -172,20 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     length = {"steps": args.steps} if args.steps else {"steps": 100_000, "minutes": args.minutes}
     cache = [Path(args.init_from)]  # the starting run's latents serve when its data options were the same
     configs = []
+    cycle_options = dict(t_max=args.cycle_t_max, every=args.cycle_every, fraction=args.cycle_fraction)
+    cycle_options |= dict(mode=args.cycle_mode, k=args.cycle_k, sample_steps=args.cycle_sample_steps)
     for weight in weights:
-        cycle = (
-            CycleConfig(
-                weight,
-                args.cycle_t_max,
-                args.cycle_every,
-                args.cycle_fraction,
-                args.cycle_mode,
-                args.cycle_k,
-                args.cycle_sample_steps,
-            )
-            if weight
-            else None
-        )
+        cycle = CycleConfig(weight=weight, **cycle_options) if weight else None
         runs = []
         for seed in seeds:
             run = out / f"w{weight:g}_s{seed}"

@@ -249,6 +249,7 @@ def test_ddp_cycle_step_equals_single_process(tmp_path):
         (["--captioner", "."], "holds no model"),
         (["--cycle-weight", "0.5"], "need --captioner"),
         (["--captioner", "CAP", "--cycle-fraction", "2"], "fraction"),
+        (["--captioner", "CAP", "--cycle-mode", "last-k", "--cycle-k", "5", "--cycle-sample-steps", "4"], "k <="),
         (["--captioner", "CAP", "--image-size", "32"], "reads 16px images"),
         (["--init-from", "nowhere"], "nowhere does not exist"),
     ],
