@@ -26,11 +26,11 @@ from pathlib import Path
 from common import machine_line, training_device, versions_line
 
 from cyclediffusion.data.shapes import write_imagefolder
-from cyclediffusion.demo import DEMO_WORLD, GUIDANCE, IMAGE_SIZE, demo_prompts
+from cyclediffusion.demo import DEMO_WORLD, GUIDANCE, IMAGE_SIZE, demo_model
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
 from cyclediffusion.pipelines.storage import resolve_model_dir
-from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, train_text2image, train_vae
+from cyclediffusion.training import DataOptions, RunOptions, train_text2image, train_vae
 from cyclediffusion.training.callbacks import read_metrics
 
 
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             run.mkdir(parents=True)
             for path in cache:
                 shutil.copy(path, run / path.name)
-        model = ModelOptions(
-            backbone=args.backbone, model_size=args.model_size, vae=str(vae_dir), sample_prompts=demo_prompts()
-        )
+        model = demo_model(vae_dir, args.backbone, args.model_size)
         model_dir = train_text2image(
             DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True),
             RunOptions(

@@ -19,6 +19,7 @@ from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, train
 from cyclediffusion.training.callbacks import read_metrics
 from cyclediffusion.training.modules import OptimConfig
 from cyclediffusion.training.sampler import StepBatchSampler
+from cyclediffusion.training.train import build_noise_process
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
 
@@ -207,6 +208,7 @@ def test_cli_train_then_sample_writes_png(tmp_path, monkeypatch):
         (["train", "--data", "d", "--out", "r"], "--steps, --epochs or --minutes"),
         (["train", "--data", "d", "--out", "r", "--steps", "0"], "positive integer"),
         (["train", "--data", "d", "--out", "r", "--steps", "1", "--backbone", "rnn"], "invalid choice"),
+        (["train", "--data", "d", "--out", "r", "--steps", "1", "--snr-gamma", "-1"], "must be non-negative"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -215,6 +217,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, arg
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if "cyclediffusion" in line]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_ddpm_training_weights_the_loss_with_min_snr_5_unless_turned_off():
+    t = torch.tensor([0, 500, 999])
+    weighted = build_noise_process(ModelOptions())
+    assert weighted.config.snr_gamma == 5.0
+    snr = weighted.snr(t)
+    torch.testing.assert_close(weighted.loss_weight(t), snr.clamp(max=5.0) / (snr + 1))  # v-prediction
+    assert weighted.loss_weight(t)[0] < 0.01  # the nearly clean end no longer dominates the loss
+    assert build_noise_process(ModelOptions(snr_gamma=0)).loss_weight(t) is None
+    with pytest.raises(ValueError, match="snr_gamma"):
+        build_noise_process(ModelOptions(snr_gamma=-1.0))
 
 
 def test_ddp_first_step_loss_equals_single_process(tmp_path):

@@ -37,6 +37,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {text}")
+    return value
+
+
 def devices_arg(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
@@ -446,7 +453,13 @@ def build_parser() -> Parser:
     flag(g, "--scheduler", choices=["ddpm", "flow"], default="ddpm", help="noise process")
     flag(g, "--prediction-type", choices=["epsilon", "x0", "v_prediction"], default="v_prediction")
     flag(g, "--beta-schedule", choices=["linear", "scaled_linear", "cosine"], default="cosine")
-    flag(g, "--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting")
+    flag(
+        g,
+        "--snr-gamma",
+        type=non_negative_float,
+        default=5.0,
+        help="ddpm: min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off",
+    )
     flag(g, "--vae", default=None, help="trained VAE (run folder or model folder); pixel space without it")
     flag(g, "--cache-latents", action="store_true", help="encode the dataset once with the VAE")
     flag(g, "--caption-dropout", type=float, default=0.1, help="probability of the empty caption")

@@ -30,12 +30,23 @@ IMAGE_SIZE = 32
 # In 10 CPU minutes: ShapesEval single-object 0.36-0.51 (two runs) against 0.31 for the default world (one run).
 DEMO_KINDS = {"single": 0.7, "count": 0.1, "pair": 0.1, "relation": 0.1}
 DEMO_WORLD = ShapesConfig(size=IMAGE_SIZE, texture=0.0, kinds=DEMO_KINDS)
-GUIDANCE = 2.0  # a 10-minute model is best followed with mild guidance (ShapesEval: 1.5-2 beats 3-8)
+# Guidance 2 / 3 / 4 on a 5-minute flow model: ShapesEval overall 0.49 / 0.51 / 0.52, single 0.76 / 0.88 / 0.90.
+GUIDANCE = 4.0
+# Flow matching with logit-normal training times: after 5 minutes of training on the demo's data and VAE, ShapesEval
+# single-object accuracy 0.81 against 0.49 for DDPM (v-prediction, cosine, uniform timesteps); shape 0.85 against 0.55.
+SCHEDULER = "flow"
 
 
 def demo_prompts() -> list[str]:
     """One prompt per colour-shape pair (the grid's rows are colours, its columns shapes)."""
     return [f"a {c} {s}" for c in GRID_COLOURS for s in GRID_SHAPES]
+
+
+def demo_model(vae: str | Path, backbone: str = "unet", model_size: str = "small") -> ModelOptions:
+    """The demo's text-to-image model on the VAE in ``vae``."""
+    return ModelOptions(
+        backbone=backbone, model_size=model_size, scheduler=SCHEDULER, vae=str(vae), sample_prompts=demo_prompts()
+    )
 
 
 def run_demo(
@@ -99,7 +110,7 @@ def run_demo(
     t0 = time.perf_counter()
     budget = (deadline - time.perf_counter()) / 60 - 1.0  # start-up, latent caching, sampling, report
     log.info("demo: training the text-to-image %s (%.1f min)", backbone, budget)
-    model = ModelOptions(backbone=backbone, model_size=model_size, vae=str(out / "vae"), sample_prompts=demo_prompts())
+    model = demo_model(out / "vae", backbone, model_size)
     train_text2image(
         DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True),
         RunOptions(

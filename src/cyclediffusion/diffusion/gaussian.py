@@ -50,6 +50,8 @@ class GaussianConfig:
             raise ValueError(f"unknown beta schedule {self.beta_schedule!r}; choose from {BETA_SCHEDULES}")
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.timestep_spacing!r}; choose from {SPACINGS}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive (or None for no weighting), got {self.snr_gamma}")
 
 
 class GaussianDiffusion(NoiseProcessBase, Configurable):
