@@ -52,6 +52,7 @@ from cyclediffusion.data.shapes import (
     sample_scene,
     scene_rng,
 )
+from cyclediffusion.demo import DEMO_WORLD
 from cyclediffusion.eval import detect_objects, score
 from cyclediffusion.eval.shapes_eval import FOREGROUND
 from cyclediffusion.images import make_grid, save_image
@@ -83,10 +84,10 @@ def edit_target(prompt: Prompt, kind: str, rng: np.random.Generator) -> Prompt:
     return replace(prompt, colours=(colour,), shapes=(shape,))
 
 
-def make_cases(n: int, size: int, seed: int) -> list[dict]:
+def make_cases(n: int, size: int, seed: int, texture: float = 0.0) -> list[dict]:
     """``n`` single-object scenes per kind: render, scene, target prompt and the ideal edit's render (the target
-    object in the source object's place, on the same background)."""
-    world = ShapesConfig(size=size, kinds={"single": 1.0})
+    object in the source object's place, on the same background, grey noise of std ``texture``)."""
+    world = ShapesConfig(size=size, kinds={"single": 1.0}, texture=texture)
     cases = []
     for k, kind in enumerate(KINDS):
         rng = np.random.default_rng([seed, 1000 + k])
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS))
     parser.add_argument("--levels", default=",".join(f"{s:g}" for s in LEVELS), help="success levels to match")
+    parser.add_argument("--texture", type=float, default=DEMO_WORLD.texture, help="background noise (demo: plain)")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--source-guidance", type=float, default=1.0)
     parser.add_argument("--eta", type=float, default=0.1)
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("--model is required (without --quick)")
         pipe, source = fresh_pipeline().to(args.device), "fresh tiny pipeline (untrained)"
     size = pipe.denoiser.config.sample_size * pipe.latent_factor
-    cases = make_cases(args.n, size, args.seed)
+    cases = make_cases(args.n, size, args.seed, args.texture)
     targets = [caption_for(c["target"]) for c in cases]
     grid_strength = min(strengths, key=lambda s: abs(s - GRID_STRENGTH))
     shown = [i for k in range(len(KINDS)) for i in range(k * args.n, k * args.n + min(2, args.n))]
