@@ -43,6 +43,7 @@ from common import machine_line, versions_line
 
 from cyclediffusion import CycleDiffusionPipeline, translate
 from cyclediffusion.data.shapes import ShapesConfig, render, sample_scene, scene_rng, write_imagefolder
+from cyclediffusion.demo import DEMO_WORLD
 from cyclediffusion.eval import detect_objects
 from cyclediffusion.images import make_grid, save_image
 from cyclediffusion.pipelines import METHODS
@@ -70,9 +71,9 @@ def quiet() -> None:
 
 
 def world(shapes: tuple[str, ...], colours: tuple[str, ...] | None = None) -> ShapesConfig:
-    """Single objects of ``shapes`` (every colour, size and position of the demo's world unless ``colours``)."""
+    """Single objects of ``shapes`` on the demo's background (every colour, size and position unless ``colours``)."""
     extra = {"colours": colours} if colours else {}
-    return ShapesConfig(size=IMAGE_SIZE, kinds={"single": 1.0}, shapes=shapes, **extra)
+    return ShapesConfig(size=IMAGE_SIZE, kinds={"single": 1.0}, shapes=shapes, texture=DEMO_WORLD.texture, **extra)
 
 
 def make_data(folder: Path, n: int, config: ShapesConfig, seed: int) -> Path:
