@@ -458,7 +458,7 @@ def build_parser() -> Parser:
         "--snr-gamma",
         type=non_negative_float,
         default=5.0,
-        help="ddpm: min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off",
+        help="ddpm: min-SNR-gamma loss weighting (Hang et al. 2023), default 5; 0 turns it off",
     )
     flag(g, "--vae", default=None, help="trained VAE (run folder or model folder); pixel space without it")
     flag(g, "--cache-latents", action="store_true", help="encode the dataset once with the VAE")
