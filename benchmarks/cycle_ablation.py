@@ -33,10 +33,11 @@ from common import machine_line, training_device, versions_line
 from quality_per_compute import quiet
 
 from cyclediffusion.data.shapes import ShapesConfig, write_imagefolder
-from cyclediffusion.demo import GUIDANCE, demo_prompts
+from cyclediffusion.demo import demo_prompts
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
-from cyclediffusion.pipelines import Text2ImagePipeline
+from cyclediffusion.pipelines import CaptionPipeline, Text2ImagePipeline
 from cyclediffusion.pipelines.storage import resolve_model_dir
+from cyclediffusion.recipes import DEFAULT_GUIDANCE
 from cyclediffusion.training import (
     CaptionerOptions,
     CycleConfig,
@@ -48,8 +49,7 @@ from cyclediffusion.training import (
     train_vae,
 )
 from cyclediffusion.training.callbacks import read_metrics
-from cyclediffusion.training.modules import CYCLE_MODES
-from cyclediffusion.training.train import load_captioner
+from cyclediffusion.training.options import CYCLE_MODES, VAEOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_FILES = ("latents.safetensors", "latents.json")
@@ -68,7 +68,7 @@ def tiny_world(folder: Path, seed: int) -> tuple[Path, Path, Path]:
         defaults = dict(batch_size=16, lr=1e-3, warmup=2, seed=seed, log_every=1, progress=False, resume=False)
         return RunOptions(out=str(folder / name), steps=steps, **(defaults | kw))
 
-    vae = train_vae(options, run("vae", 3, ema_decay=None), size="tiny", downsample=4)
+    vae = train_vae(options, run("vae", 3, ema_decay=None), VAEOptions(size="tiny", downsample=4))
     model = ModelOptions(model_size="tiny", text_width=32, text_layers=1, vocab_size=300, vae=str(vae))
     train_text2image(options, run("start", 6), model)
     captioner = CaptionerOptions(size="tiny", tokenizer=str(folder / "start"))
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=2)
     parser.add_argument("--per-kind", type=int, default=20, help="prompts per category of the suite")
     parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     args = parser.parse_args(argv)
     if args.quick:
         args.weights, args.seeds, args.steps, args.batch_size, args.warmup = "0,0.5", "0", 3, 16, 1
@@ -162,9 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     world_seconds = time.perf_counter() - t0
     start_dir = resolve_model_dir(args.init_from)
     start = Text2ImagePipeline.from_pretrained(start_dir, device=device)
-    image_size = start.denoiser.config.sample_size * start.latent_factor
+    image_size = start.denoiser.sample_size * start.latent_factor
     if any(weights):  # a missing or mismatched captioner fails now, not after the baseline's runs
-        load_captioner(args.captioner, image_size)
+        captioner_size = CaptionPipeline.from_pretrained(args.captioner).image_size
+        if captioner_size != image_size:
+            raise ValueError(f"the captioner reads {captioner_size}px images, the model makes {image_size}px")
     suite = build_suite(per_kind=args.per_kind)
     start_scores = scores(start, suite, args, seeds[0], out / "start_shapes_eval.json")
     del start

@@ -57,13 +57,8 @@ from cyclediffusion.eval import detect_objects, score
 from cyclediffusion.eval.shapes_eval import FOREGROUND
 from cyclediffusion.images import make_grid, save_image
 from cyclediffusion.pipelines import METHODS
-from cyclediffusion.training.train import (
-    ModelOptions,
-    build_denoiser,
-    build_noise_process,
-    build_text_encoder,
-    build_vae,
-)
+from cyclediffusion.recipes import build_vae
+from cyclediffusion.training.options import ModelOptions
 
 KINDS = ("colour", "shape", "both")
 STRENGTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -197,9 +192,7 @@ def fresh_pipeline(size: int = 32, seed: int = 0) -> CycleDiffusionPipeline:
     captions = [sample_scene(rng, world).caption for _ in range(200)]
     tokenizer = Tokenizer.train(captions, vocab_size=300, max_length=16)
     vae = build_vae("tiny", 4)
-    denoiser = build_denoiser(options, vae.config.latent_channels, size // vae.downsample_factor, options.text_width)
-    text_encoder = build_text_encoder(options, tokenizer)
-    return CycleDiffusionPipeline(tokenizer, text_encoder, vae, denoiser, build_noise_process(options)).eval()
+    return CycleDiffusionPipeline(tokenizer, vae=vae, **options.build(tokenizer, vae, size)).eval()
 
 
 def run_edits(pipe, cases: list[dict], method: str, strength: float, args, targets: list[str]) -> np.ndarray:

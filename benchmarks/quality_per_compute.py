@@ -26,11 +26,12 @@ from pathlib import Path
 from common import machine_line, training_device, versions_line
 
 from cyclediffusion.data.shapes import write_imagefolder
-from cyclediffusion.demo import DEMO_WORLD, GUIDANCE, IMAGE_SIZE, demo_model
+from cyclediffusion.demo import DEMO_WORLD, IMAGE_SIZE, demo_model
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
 from cyclediffusion.pipelines.storage import resolve_model_dir
-from cyclediffusion.training import DataOptions, RunOptions, train_text2image, train_vae
+from cyclediffusion.recipes import DEFAULT_GUIDANCE
+from cyclediffusion.training import DataOptions, RunOptions, VAEOptions, train_text2image, train_vae
 from cyclediffusion.training.callbacks import read_metrics
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=2)
     parser.add_argument("--per-kind", type=int, default=20, help="prompts per category of the suite")
     parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                 out=str(out / "vae"), minutes=args.vae_minutes, steps=3000, batch_size=32, lr=2e-3, warmup=50,
                 precision=precision, seed=args.seed, ema_decay=None, checkpoint_every=200, progress=False,
             ),
-            size="tiny",
-            downsample=4,
+            VAEOptions(size="tiny", downsample=4),
         )  # fmt: skip
         steps = read_metrics(out / "vae" / "logs" / "metrics.jsonl")[-1]["step"]
         vae_note = f"trained {int(steps)} steps in {(time.perf_counter() - t0) / 60:.1f} min"

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from common import machine_line, peak_rss_mib, sync, versions_line
 
-from cyclediffusion import Text2ImagePipeline, TextEncoder, TextEncoderConfig, Tokenizer
+from cyclediffusion import Text2ImagePipeline, Tokenizer
 from cyclediffusion.data.shapes import ShapesConfig, caption_for, sample_prompt
 from cyclediffusion.pipelines.storage import resolve_model_dir
-from cyclediffusion.training.train import ModelOptions, build_denoiser, build_noise_process, build_vae
+from cyclediffusion.recipes import build_vae
+from cyclediffusion.training.options import ModelOptions
 
 IMAGE_SIZE = 32
 
@@ -45,22 +46,8 @@ def demo_pipeline(model_size: str = "small", vae_size: str = "tiny", seed: int =
     probe = Tokenizer.train(captions, vocab_size=options.vocab_size, max_length=77)
     longest = int(probe(captions).attention_mask.sum(1).max())
     tokenizer = Tokenizer.train(captions, vocab_size=options.vocab_size, max_length=8 * -(-longest // 8))
-    text_encoder = TextEncoder(
-        TextEncoderConfig(
-            vocab_size=tokenizer.vocab_size,
-            max_length=tokenizer.max_length,
-            width=options.text_width,
-            layers=options.text_layers,
-            heads=options.text_heads,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
     vae = build_vae(vae_size, 4)
-    denoiser = build_denoiser(
-        options, vae.config.latent_channels, IMAGE_SIZE // vae.downsample_factor, options.text_width
-    )
-    return Text2ImagePipeline(tokenizer, text_encoder, vae, denoiser, build_noise_process(options)).eval()
+    return Text2ImagePipeline(tokenizer, vae=vae, **options.build(tokenizer, vae, IMAGE_SIZE)).eval()
 
 
 def parameters(pipe: Text2ImagePipeline) -> str:

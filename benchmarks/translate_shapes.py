@@ -48,7 +48,7 @@ from cyclediffusion.eval import detect_objects
 from cyclediffusion.images import make_grid, save_image
 from cyclediffusion.pipelines import METHODS
 from cyclediffusion.pipelines.storage import resolve_model_dir
-from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, train_text2image, train_vae
+from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, VAEOptions, train_text2image, train_vae
 
 IMAGE_SIZE = 32
 DOMAINS = {"circles": "circle", "squares": "square"}
@@ -110,8 +110,7 @@ def train_models(args, out: Path, precision: str) -> tuple[Path, dict[str, Path]
                 batch_size=32, lr=2e-3, warmup=50, precision=precision, seed=args.seed, ema_decay=None,
                 checkpoint_every=200, progress=False,
             ),
-            size="tiny",
-            downsample=4,
+            VAEOptions(size="tiny", downsample=4),
         )  # fmt: skip
         info["vae"] = f"trained on circles + squares in {(time.perf_counter() - t0) / 60:.1f} min"
     models = {}

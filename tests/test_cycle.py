@@ -132,7 +132,7 @@ def test_cycle_every_and_t_max():
     assert [module.cycle_due(s) for s in range(4)] == [True, False, False, True]
     assert module.step_losses(make_batch(module, "pixels", 2, step=1)).cycle is None
     g = torch.Generator().manual_seed(0)
-    assert int(module.low_noise_timesteps(1000, g).max()) < 10
+    assert int(module.cycle.low_noise_timesteps(1000, g).max()) < 10
     with pytest.raises(ValueError, match="flow matching times"):
         build("unet", "flow", "pixels", t_max=10)
     with pytest.raises(ValueError, match="fraction"):
@@ -145,13 +145,13 @@ def test_ranks_together_give_the_single_process_cycle_loss(one_thread, space, mo
     module = build("dit", "ddpm", space, fraction=0.5, mode=mode, sample_steps=4)
     batch = make_batch(module, space, 6)
     x0 = module.clean_latents(batch, module.step_generator(0))
-    single = module.cycle_loss(x0, batch["caption"], module.step_generator(0, 1))
+    single = module.cycle.loss(module, x0, batch["caption"], module.step_generator(0, 1))
     per_rank = []
     for rank in range(2):
         module.world_size = lambda: 2
         module.rank_rows = lambda local, rank=rank: slice(rank * local, (rank + 1) * local)
         rows = slice(3 * rank, 3 * rank + 3)
-        per_rank.append(module.cycle_loss(x0[rows], batch["caption"][rows], module.step_generator(0, 1)))
+        per_rank.append(module.cycle.loss(module, x0[rows], batch["caption"][rows], module.step_generator(0, 1)))
     torch.testing.assert_close(sum(per_rank) / 2, single, rtol=1e-5, atol=1e-6)
 
 
@@ -161,7 +161,7 @@ def test_last_k_draws_the_sampler_image_with_gradient_through_k_steps(one_thread
     module = build("unet", process, "pixels", mode="last-k", k=2, sample_steps=4)
     text = module.text_encoder(module.tokenizer(CAPTIONS[:2]).input_ids)
     noise = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    drawn = module.draw_last_k(noise, text)
+    drawn = module.cycle.draw_last_k(module, noise, text)
     pipe = module.to_pipeline()
     with torch.no_grad():
         model_fn = lambda x, s: module.denoiser(x, s, text.hidden_states, text.pooled)  # noqa: E731
@@ -171,8 +171,8 @@ def test_last_k_draws_the_sampler_image_with_gradient_through_k_steps(one_thread
 
     def denoiser_grads(k: int) -> list[torch.Tensor]:
         module.zero_grad()
-        module.cycle.k = k
-        module.draw_last_k(noise, detached).square().sum().backward()
+        module.cycle.config.k = k
+        module.cycle.draw_last_k(module, noise, detached).square().sum().backward()
         return [p.grad.clone() for p in module.denoiser.parameters()]
 
     # the same image either way, but with k = 2 the gradient also flows through the second-to-last call

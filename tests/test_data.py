@@ -14,15 +14,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from cyclediffusion.images import preprocess_image
 from cyclediffusion.models.vae import AutoencoderKL, VAEConfig
-from cyclediffusion.training.data import (
+from cyclediffusion.training.data import CaptionedImages, collate, load_captioned_images
+from cyclediffusion.training.latents import (
     CachedLatents,
-    CaptionedImages,
-    collate,
     encode_latent_parameters,
-    load_captioned_images,
     load_latent_cache,
-    preprocess_image,
     save_latent_cache,
 )
 

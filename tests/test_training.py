@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from cyclediffusion.cli import main
 from cyclediffusion.eval import CATEGORIES
+from cyclediffusion.recipes import build_noise_process as build_process
 from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, train_text2image
 from cyclediffusion.training.callbacks import read_metrics
 from cyclediffusion.training.modules import OptimConfig
 from cyclediffusion.training.sampler import StepBatchSampler
-from cyclediffusion.training.train import build_noise_process
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
 
@@ -217,6 +217,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, arg
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if "cyclediffusion" in line]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def build_noise_process(model: ModelOptions):
+    return build_process(model.scheduler, **model.noise_options())
 
 
 def test_ddpm_training_weights_the_loss_with_min_snr_5_unless_turned_off():

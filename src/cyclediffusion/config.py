@@ -9,6 +9,7 @@ and, for modules, ``model.safetensors``. Nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -162,3 +163,12 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(ptr)
         out[key] = value
     return out
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A SHA-256 of a module's config and weights (names and float32 values): equal digests, equal networks."""
+    digest = hashlib.sha256(repr(getattr(module, "config", None)).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

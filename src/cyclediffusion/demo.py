@@ -18,8 +18,8 @@ import torch
 from .data.shapes import ShapesConfig, write_imagefolder
 from .images import make_grid, save_image
 from .pipelines import Text2ImagePipeline
-from .training import DataOptions, ModelOptions, RunOptions, train_text2image, train_vae
-from .training.callbacks import read_metrics
+from .recipes import DEFAULT_GUIDANCE
+from .training.options import DataOptions, ModelOptions, RunOptions, VAEOptions
 
 log = logging.getLogger("cyclediffusion")
 
@@ -31,8 +31,6 @@ IMAGE_SIZE = 32
 # world (textured, 50% single).
 DEMO_KINDS = {"single": 0.7, "count": 0.1, "pair": 0.1, "relation": 0.1}
 DEMO_WORLD = ShapesConfig(size=IMAGE_SIZE, texture=0.0, kinds=DEMO_KINDS)
-# Guidance 2 / 3 / 4 on a 5-minute flow model: ShapesEval overall 0.49 / 0.51 / 0.52, single 0.76 / 0.88 / 0.90.
-GUIDANCE = 4.0
 # Flow matching with logit-normal training times: after 5 minutes of training on the demo's data and VAE, ShapesEval
 # single-object accuracy 0.81 against 0.49 for DDPM (v-prediction, cosine, uniform timesteps); shape 0.85 against 0.55.
 SCHEDULER = "flow"
@@ -46,7 +44,12 @@ def demo_prompts() -> list[str]:
 def demo_model(vae: str | Path, backbone: str = "unet", model_size: str = "small") -> ModelOptions:
     """The demo's text-to-image model on the VAE in ``vae``."""
     return ModelOptions(
-        backbone=backbone, model_size=model_size, scheduler=SCHEDULER, vae=str(vae), sample_prompts=demo_prompts()
+        backbone=backbone,
+        model_size=model_size,
+        scheduler=SCHEDULER,
+        vae=str(vae),
+        sample_prompts=demo_prompts(),
+        guidance_scale=DEFAULT_GUIDANCE,
     )
 
 
@@ -65,6 +68,8 @@ def run_demo(
 
     ``max_steps`` caps the VAE and text-to-image runs (the time budget usually ends them first).
     """
+    from .training.train import train_text2image, train_vae
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -103,8 +108,7 @@ def run_demo(
             ema_decay=None,
             checkpoint_every=200,
         ),
-        size="tiny",
-        downsample=4,
+        VAEOptions(size="tiny", downsample=4),
     )
     timings["vae"] = time.perf_counter() - t0
 
@@ -147,7 +151,6 @@ def sample_grid(model_dir: Path, path: Path, per_prompt: int, seed: int) -> Path
     images = pipe(
         prompts,
         num_inference_steps=25,
-        guidance_scale=GUIDANCE,
         num_images_per_prompt=per_prompt,
         generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per_prompt)],
         output_type="pt",
@@ -158,6 +161,8 @@ def sample_grid(model_dir: Path, path: Path, per_prompt: int, seed: int) -> Path
 
 def write_report(out: Path, grid: Path, timings: dict[str, float], precision: str) -> Path:
     """A short Markdown report: timings, final losses, the VAE's latent scaling and the sample grid."""
+    from .training.callbacks import read_metrics
+
     vae_config = json.loads((out / "vae" / "model" / "config.json").read_text())
     lines = [
         "# cyclediffusion demo",

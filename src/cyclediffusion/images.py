@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -18,9 +18,48 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(im) for im in images]
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The one normalisation every image gets (training, captioning, editing): EXIF orientation applied, 16/32-bit
+    greyscale scaled to 8 bits, transparent pixels composited on white, then RGB."""
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith(("I", "F")):  # 16/32-bit greyscale: scale to 8 bits
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or values.max() > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def square_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 (3, size, size): :func:`to_rgb`, then the centred square of the short side resampled to ``size``."""
+    image = to_rgb(image)
+    w, h = image.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def uint8_to_float(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 pixels as float32 in [-1, 1]."""
+    return torch.from_numpy(pixels).float().div_(127.5).sub_(1.0)
+
+
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB float32 (3, size, size) in [-1, 1]: short side resized to ``size`` (bicubic), centre-cropped; the input
+    normalised by :func:`to_rgb`. Training data and the captioner both see images through this function."""
+    return uint8_to_float(square_uint8(image, size))
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a (3, H, W) float tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    """A PIL image (normalised by :func:`to_rgb`) as a (3, H, W) float tensor in [-1, 1], at its own size."""
+    array = np.asarray(to_rgb(image), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..progress import progress
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -390,23 +392,16 @@ def write_imagefolder(
                 old.unlink()
     width = max(5, len(str(n - 1)))
     jobs = ((out_dir, f"{i:0{width}d}.png", config, seed, i) for i in range(n))
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-
-        def tqdm(it, **_):
-            return it
-
     tmp = out_dir / "metadata.jsonl.tmp"
     with tmp.open("w") as f:
         if num_workers > 1:
             import multiprocessing
 
             with multiprocessing.get_context().Pool(num_workers) as pool:
-                for line in tqdm(pool.imap(_write_one, jobs, chunksize=256), total=n, desc="shapes"):
+                for line in progress(pool.imap(_write_one, jobs, chunksize=256), total=n, desc="shapes"):
                     f.write(line + "\n")
         else:
-            for line in tqdm(map(_write_one, jobs), total=n, desc="shapes"):
+            for line in progress(map(_write_one, jobs), total=n, desc="shapes"):
                 f.write(line + "\n")
     os.replace(tmp, meta)
     return out_dir

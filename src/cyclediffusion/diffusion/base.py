@@ -35,11 +35,45 @@ class TrainingLoss:
 
 
 class NoiseProcessBase:
-    """The training loss every noise process shares; subclasses define the path and its target.
+    """The whole interface of a noise process; the training loss and the DDIM-family steps are shared here.
 
-    A subclass provides ``sample_timesteps``, ``add_noise``, ``target``, ``model_time`` and
-    ``noise_level``, and may weight the per-sample loss with ``loss_weight``.
+    A subclass (one per family) defines the path (``alpha_sigma``, ``add_noise``), its regression ``target`` and
+    the conversion ``to_x0_eps``, the times it trains on (``sample_timesteps``, ``times_below``) and samples on
+    (``grid``, ``sample``), the time the network sees (``model_time``), and may weight the per-sample loss with
+    ``loss_weight``. Callers use only these methods, never the family's name.
     """
+
+    prediction_type: str
+    """What the network predicts: ``epsilon``, ``x0``, ``v_prediction`` or ``velocity``."""
+
+    def sample_timesteps(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None):
+        """``batch`` training times drawn from the process's training distribution."""
+        raise NotImplementedError
+
+    def low_noise_bound(self, t_max: float | None = None) -> float:
+        """An upper bound on "low noise" times in the process's units (the default when ``t_max`` is None), checked
+        against its time range."""
+        raise NotImplementedError
+
+    def times_below(self, n: int, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` training times drawn uniformly below ``t_max`` (on the generator's device)."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: Time) -> torch.Tensor:
+        """``x_t = alpha_t x0 + sigma_t noise``."""
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: Time) -> torch.Tensor:
+        """The regression target of the network at ``x_t``."""
+        raise NotImplementedError
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) in [0, 1], 0 = clean: where a time lies on the path (for logging the loss by noise level)."""
+        raise NotImplementedError
+
+    def sample(self, model_fn: ModelFn, noise: torch.Tensor, num_inference_steps: int = 50, **kwargs) -> torch.Tensor:
+        """Draw ``x0`` from pure ``noise`` with the process's samplers."""
+        raise NotImplementedError
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights, or None for uniform weighting."""

@@ -79,6 +79,17 @@ class FlowMatching(NoiseProcessBase, Configurable):
             t = torch.sigmoid(self.config.logit_mean + self.config.logit_std * z)
         return t.to(device)
 
+    def low_noise_bound(self, t_max: float | None = None) -> float:
+        """Path time in (0, 1]; 0.2 by default."""
+        t_max = 0.2 if t_max is None else float(t_max)
+        if not 0 < t_max <= 1:
+            raise ValueError(f"flow matching times are in (0, 1]: the time bound {t_max} is out of range")
+        return t_max
+
+    def times_below(self, n: int, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else "cpu"
+        return torch.rand(n, generator=generator, device=device) * t_max
+
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """The path time itself (0 = data, 1 = noise)."""
         return t.float()

@@ -157,6 +157,18 @@ class GaussianDiffusion(NoiseProcessBase, Configurable):
             return clipped
         return clipped / (snr + 1)
 
+    def low_noise_bound(self, t_max: float | None = None) -> float:
+        """An integer timestep in 1..T; T // 5 by default."""
+        steps = self.num_train_timesteps
+        t_max = steps // 5 if t_max is None else t_max
+        if t_max != int(t_max) or not 1 <= t_max <= steps:
+            raise ValueError(f"Gaussian diffusion timesteps are integers: the time bound must be in 1..{steps}")
+        return int(t_max)
+
+    def times_below(self, n: int, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(0, int(t_max), (n,), generator=generator, device=device)
+
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps as a fraction of the schedule, in [0, 1]."""
         return t.float() / (self.num_train_timesteps - 1)

@@ -33,6 +33,7 @@ from ..data.shapes import (
     prompt_suite,
     sample_prompt,
 )
+from ..progress import progress as progress_bar
 
 CATEGORIES: tuple[str, ...] = (
     "colour",  # bare single objects, judged on the number of objects and their colour only
@@ -336,13 +337,7 @@ def evaluate(
     prompts = {e.text: e.prompt for e in suite}
     jobs = [(text, s) for s in range(samples_per_prompt) for text in prompts]
     starts = range(0, len(jobs), batch_size)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="shapes eval", unit="batch")
-        except ImportError:  # tqdm is optional
-            pass
+    starts = progress_bar(starts, desc="shapes eval", unit="batch", enabled=progress)
     scored = {}
     for start in starts:
         chunk = jobs[start : start + batch_size]
@@ -370,7 +365,7 @@ def evaluate_pipeline(
     suite: Sequence[EvalPrompt] | None = None,
     samples_per_prompt: int = 4,
     num_inference_steps: int = 50,
-    guidance_scale: float = 4.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..models.vae import AutoencoderKL
 from ..pipelines.storage import resolve_model_dir
+from ..progress import progress as progress_bar
 
 PSNR_CAP = 100.0  # dB: PSNR of identical images (an MSE floor of 1e-10 on [0, 1] pixels)
 
@@ -174,14 +175,7 @@ def evaluate_vae(
     lat_sum = lat_sq = None
     lat_count, z_sum, z_sq, z_count = 0, 0.0, 0.0, 0
     shapes: tuple[tuple[int, int], tuple[int, int, int]] | None = None
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc="vae eval", unit="img")
-        except ImportError:  # tqdm is optional
-            pass
+    bar = progress_bar(desc="vae eval", unit="img", enabled=progress)
     try:
         for batch in _batches(images, batch_size):
             x = batch.to(device, dtype)
@@ -203,12 +197,10 @@ def evaluate_vae(
             z_sum += z.sum().item()
             z_sq += z.pow(2).sum().item()
             z_count += z.numel()
-            if bar is not None:
-                bar.update(len(x))
+            bar.update(len(x))
     finally:
         vae.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
     if shapes is None or lat_sum is None or lat_sq is None:
         raise ValueError("evaluate_vae got no images")
     mean_c = (lat_sum / lat_count).cpu()
@@ -257,22 +249,16 @@ def holdout_subset(dataset: Dataset, fraction: float) -> Dataset:
 def find_vae_dir(path: str | Path) -> Path:
     """The folder of a saved VAE: ``path`` itself or its ``model/`` (a ``train-vae`` run), or the ``vae/`` of
     a saved pipeline at ``path`` or ``path/model`` (a ``train`` run or an exported pipeline)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
     try:
-        return resolve_model_dir(path, "config.json")
+        return resolve_model_dir(path, "config.json", component="vae")
     except FileNotFoundError:
-        pass
+        if not Path(path).exists():
+            raise
     try:
         pipeline = resolve_model_dir(path)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path} holds no VAE (no config.json in it or in {path / 'model'}, and no saved pipeline)"
-        ) from None
-    if not (pipeline / "vae" / "config.json").is_file():
-        raise ValueError(f"the pipeline in {pipeline} has no VAE (its model works on pixels)")
-    return pipeline / "vae"
+        raise FileNotFoundError(f"{path} holds no VAE (no config.json in it, in its model/ or vae/)") from None
+    raise ValueError(f"the pipeline in {pipeline} has no VAE (its model works on pixels)")
 
 
 def load_vae(path: str | Path, device: str | torch.device | None = None) -> AutoencoderKL:

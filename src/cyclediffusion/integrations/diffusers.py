@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,28 +22,38 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squared
 
 
 class DiffusersUNet(nn.Module):
-    """``UNet2DConditionModel`` behind the denoiser interface ``(x, t, context, pooled, context_mask)``."""
+    """``UNet2DConditionModel`` as a :class:`~cyclediffusion.models.Denoiser` (it takes no pooled state)."""
+
+    takes_pooled = False
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
-        self.config = SimpleNamespace(
-            sample_size=unet.config.sample_size, in_channels=unet.config.in_channels, pooled_dim=None
-        )
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def sample_size(self) -> int:
+        return self.unet.config.sample_size
 
     def forward(self, x, t, context, pooled=None, context_mask=None) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=context).sample
 
 
 class DiffusersVAE(nn.Module):
-    """diffusers' ``AutoencoderKL`` behind our VAE interface (posterior, scaled latents, decoding)."""
+    """diffusers' ``AutoencoderKL`` as a :class:`~cyclediffusion.models.LatentCodec`."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae
-        self.config = SimpleNamespace(
-            scaling_factor=vae.config.scaling_factor, shift_factor=getattr(vae.config, "shift_factor", None) or 0.0
-        )
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
 
     @property
     def downsample_factor(self) -> int:
@@ -55,10 +64,10 @@ class DiffusersVAE(nn.Module):
         return self.vae.encode(x).latent_dist
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+        return (z - self.shift_factor) * self.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.config.scaling_factor + self.config.shift_factor).sample
+        return self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
 
 
 class CLIPTextEncoder(nn.Module):

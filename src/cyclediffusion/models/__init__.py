@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .captioner import Captioner, CaptionerConfig, caption_loss
 from .dit import DIT_SIZES, DiT, DiTConfig
+from .interfaces import Denoiser, LatentCodec
 from .text_encoder import TextEncoder, TextEncoderConfig, TextEncoderOutput
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, DiagonalGaussian, VAEConfig
@@ -16,6 +17,8 @@ __all__ = [
     "DiT",
     "DiTConfig",
     "DiagonalGaussian",
+    "Denoiser",
+    "LatentCodec",
     "TextEncoder",
     "TextEncoderConfig",
     "TextEncoderOutput",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Configurable
+from .interfaces import ConfigDenoiser
 from .layers import Attention, Mlp, TimestepEmbedder, expand_timesteps
 
 
@@ -109,7 +110,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module, Configurable):
+class DiT(nn.Module, Configurable, ConfigDenoiser):
     """Text-conditioned Diffusion Transformer; any H, W divisible by ``patch_size`` works."""
 
     config_class = DiTConfig

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Configurable
+from .interfaces import ConfigDenoiser
 from .layers import (
     Attention,
     Downsample,
@@ -121,7 +122,7 @@ class UNetBlock(nn.Module):
         return h
 
 
-class UNet(nn.Module, Configurable):
+class UNet(nn.Module, Configurable, ConfigDenoiser):
     """Text-conditioned U-Net mapping noisy latents (B, C, H, W) to a prediction of the same size.
 
     H and W must be divisible by ``2 ** (len(block_channels) - 1)``.

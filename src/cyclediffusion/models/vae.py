@@ -164,6 +164,10 @@ class AutoencoderKL(nn.Module, Configurable):
         self.decoder = Decoder(config)
 
     @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
     def downsample_factor(self) -> int:
         """How many pixels per latent along each side."""
         return 2 ** (len(self.config.block_channels) - 1)

@@ -11,12 +11,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import read_json
 from ..diffusion.base import Generator, ModelFn, StepCallback, randn
 from ..images import ImageInput, images_to_tensor, numpy_to_pil
-from .storage import load_components, save_components
+from ..recipes import DEFAULT_GUIDANCE
+from .storage import INDEX_NAME, find_pipeline, load_components, save_components
 
 P = TypeVar("P", bound="DiffusionPipeline")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+GUIDANCE_KEY = "_guidance_scale"  # model_index.json: the guidance a call uses when given none
 
 
 @dataclass
@@ -93,13 +96,18 @@ class DiffusionPipeline:
 
     component_names: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "denoiser", "noise_process")
 
-    def __init__(self, tokenizer, text_encoder, vae, denoiser, noise_process) -> None:
-        """``vae=None`` means the denoiser works on pixels."""
+    def __init__(
+        self, tokenizer, text_encoder, vae, denoiser, noise_process, guidance_scale: float | None = None
+    ) -> None:
+        """``vae=None`` means the denoiser works on pixels. ``guidance_scale`` is the guidance a call uses when it
+        is given none: the value the model was trained and evaluated with, stored in its folder (default
+        :data:`~cyclediffusion.recipes.DEFAULT_GUIDANCE`)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.vae = vae
         self.denoiser = denoiser
         self.noise_process = noise_process
+        self.guidance_scale = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
 
     @property
     def components(self) -> dict[str, Any]:
@@ -129,17 +137,20 @@ class DiffusionPipeline:
 
     # ----------------------------------------------------------------- storage
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model_index.json`` and one folder per component (config.json + model.safetensors)."""
-        save_components(directory, type(self).__name__, self.components)
+        """Write ``model_index.json`` (with the default guidance) and one folder per component (config.json +
+        model.safetensors)."""
+        save_components(directory, type(self).__name__, self.components, {GUIDANCE_KEY: self.guidance_scale})
 
     @classmethod
     def from_pretrained(cls: type[P], directory: str | Path, device: str | torch.device | None = None) -> P:
-        """Load a pipeline saved by :meth:`save_pretrained` (never unpickles)."""
+        """Load a pipeline saved by :meth:`save_pretrained`, from its folder or a run folder (never unpickles)."""
+        directory = find_pipeline(directory)
         _, components = load_components(directory, device=device)
         missing = [n for n in cls.component_names if n not in components]
         if missing:
             raise ValueError(f"{directory} lacks component(s) {', '.join(missing)} needed by {cls.__name__}")
-        return cls(**{n: components[n] for n in cls.component_names}).eval()
+        guidance = read_json(directory / INDEX_NAME).get(GUIDANCE_KEY)
+        return cls(**{n: components[n] for n in cls.component_names}, guidance_scale=guidance).eval()
 
     # ----------------------------------------------------------------- text
     @torch.no_grad()
@@ -152,12 +163,15 @@ class DiffusionPipeline:
     def prompt_guidance(
         self,
         prompts: list[str],
-        guidance_scale: float,
+        guidance_scale: float | None,
         num_images_per_prompt: int = 1,
         negative_prompt: str | Sequence[str] | None = None,
     ) -> Guidance:
         """Encode ``prompts`` (each repeated ``num_images_per_prompt`` times) and, when guided, the negative prompts
-        (default: the empty prompt the model saw when its caption was dropped in training)."""
+        (default: the empty prompt the model saw when its caption was dropped in training). ``guidance_scale``
+        None is the pipeline's own default."""
+        if guidance_scale is None:
+            guidance_scale = self.guidance_scale
         if guidance_scale < 0:
             raise ValueError(f"guidance scale must be non-negative, got {guidance_scale}")
         cond = self.encode_prompt(prompts).repeat(num_images_per_prompt)
@@ -177,7 +191,7 @@ class DiffusionPipeline:
         as two branches of one call.
         """
         denoiser = self.denoiser
-        use_pooled = getattr(denoiser.config, "pooled_dim", None) is not None
+        use_pooled = denoiser.takes_pooled
         dtype = next(denoiser.parameters()).dtype
         parts = [(x, e) for x, g in zip(xs, guidances) for e in ([g.uncond, g.cond] if g.guided else [g.cond])]
         x_in = torch.cat([x for x, _ in parts]).to(dtype)
@@ -234,7 +248,7 @@ class DiffusionPipeline:
         """
         if image is None:
             raise ValueError("image is required: the picture to edit")
-        latent_channels = self.denoiser.config.in_channels
+        latent_channels = self.denoiser.in_channels
         if isinstance(image, torch.Tensor) and self.vae is not None and image.shape[-3] == latent_channels != 3:
             latents = (image[None] if image.ndim == 3 else image).to(self.device, torch.float32)
             return expand_rows(latents, num_prompts, num_images_per_prompt)

@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from ..images import preprocess_image
 from ..models.captioner import Captioner
 from ..text import Tokenizer
-from .storage import NotAPipelineError, load_components, save_components
+from .storage import NotAPipelineError, find_pipeline, load_components, save_components
 
 ImageInput = Image.Image | torch.Tensor | Sequence[Image.Image]
 
@@ -46,17 +46,6 @@ def check_compatible(tokenizer: Tokenizer, captioner: Captioner) -> None:
         raise ValueError(f"the captioner (vocab, pad, bos, eos = {mine}) was not built for this tokenizer ({theirs})")
     if tokenizer.max_length > c.max_length:
         raise ValueError(f"tokenizer max_length {tokenizer.max_length} exceeds the captioner's {c.max_length}")
-
-
-def image_to_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """(3, size, size) float in [-1, 1]: the centred square of the short side, resized (bicubic)."""
-    image = image.convert("RGB")
-    w, h = image.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class CaptionPipeline:
@@ -93,7 +82,8 @@ class CaptionPipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> CaptionPipeline:
-        """Load a folder written by :meth:`save_pretrained` (never unpickles)."""
+        """Load a folder written by :meth:`save_pretrained`, or a run folder holding one (never unpickles)."""
+        directory = find_pipeline(directory)
         name, components = load_components(directory, device=device)
         tokenizer, captioner = components.get("tokenizer"), components.get("captioner")
         if not isinstance(tokenizer, Tokenizer) or not isinstance(captioner, Captioner):
@@ -109,7 +99,7 @@ class CaptionPipeline:
             images = [images] if isinstance(images, Image.Image) else list(images)
             if not images:
                 raise ValueError("no images to caption")
-            pixels = torch.stack([image_to_pixels(image, self.image_size) for image in images])
+            pixels = torch.stack([preprocess_image(image, self.image_size) for image in images])
         return pixels.to(self.device)
 
     def token_ids(self, captions: Sequence[str]) -> torch.Tensor:

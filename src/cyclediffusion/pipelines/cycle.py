@@ -17,20 +17,21 @@ that chain forward with the target prompt).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from ..config import read_json
+from ..config import read_json, weights_digest
 from ..diffusion.base import Generator, StepCallback, randn
 from ..images import ImageInput
 from .base import DiffusionPipeline, Guidance, ImagePipelineOutput, as_list, broadcast_list, every
-from .storage import INDEX_NAME, load_components, resolve_model_dir
+from .storage import INDEX_NAME, resolve_model_dir
 
 METHODS = ("cycle", "sdedit", "ddim_inversion")
+DIFFUSERS_GUIDANCE = 7.5  # diffusers' default guidance for Stable Diffusion, used for its components
+TRANSLATION_GUIDANCE = 1.0  # two models trained apart, usually unconditional: no guidance unless asked
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name on the Hugging Face hub
 
 
@@ -51,11 +52,11 @@ class CycleDiffusionPipeline(DiffusionPipeline):
         if path.exists():
             path = resolve_model_dir(path)
             if "_diffusers_version" not in read_json(path / INDEX_NAME):
-                _, components = load_components(path, device=device)
-                return cls(**{n: components.get(n) for n in cls.component_names}).eval()
+                return super().from_pretrained(path, device=device)
         from ..integrations.diffusers import load_stable_diffusion
 
-        return cls(**load_stable_diffusion(path if path.exists() else str(directory))).to(device).eval()
+        components = load_stable_diffusion(path if path.exists() else str(directory))
+        return cls(**components, guidance_scale=DIFFUSERS_GUIDANCE).to(device).eval()
 
     @classmethod
     def from_diffusers(cls, vae, text_encoder, tokenizer, unet, scheduler) -> CycleDiffusionPipeline:
@@ -63,7 +64,8 @@ class CycleDiffusionPipeline(DiffusionPipeline):
         ``CLIPTextModel`` and ``CLIPTokenizer`` (as in a Stable Diffusion pipeline)."""
         from ..integrations.diffusers import wrap_stable_diffusion
 
-        return cls(**wrap_stable_diffusion(vae, text_encoder, tokenizer, unet, scheduler)).eval()
+        components = wrap_stable_diffusion(vae, text_encoder, tokenizer, unet, scheduler)
+        return cls(**components, guidance_scale=DIFFUSERS_GUIDANCE).eval()
 
     @torch.no_grad()
     def __call__(
@@ -73,7 +75,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
         image: ImageInput | None = None,
         strength: float = 0.8,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         source_guidance_scale: float = 1.0,
         eta: float = 0.1,
         num_images_per_prompt: int = 1,
@@ -92,7 +94,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
                 channels; one image, or one per prompt.
             strength: how far into the chain the edit starts (0: the input unchanged, 1: from pure noise).
             num_inference_steps: steps of the full chain (``int(steps * strength)`` of them are run).
-            guidance_scale: classifier-free guidance of the target chain (1: none).
+            guidance_scale: classifier-free guidance of the target chain (1: none; default: the model's own).
             source_guidance_scale: guidance of the source chain (1: none, and no unconditional pass for it).
             eta: DDIM stochasticity in (0, 1]; the DPM-Encoder needs eta > 0 (SDEdit uses it too).
             generator: a generator, or one per output image (``len(prompt) * num_images_per_prompt``).
@@ -128,7 +130,7 @@ def edit(
     image: ImageInput | None,
     strength: float = 0.8,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     source_guidance_scale: float = 1.0,
     eta: float = 0.1,
     num_images_per_prompt: int = 1,
@@ -229,15 +231,6 @@ def _same_path(a, b) -> bool:
     )
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A hash of a module's config and weights."""
-    digest = hashlib.sha256(repr(getattr(module, "config", None)).encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def translate(
     image: ImageInput,
     source_model: DiffusionPipeline | str | Path,
@@ -261,5 +254,5 @@ def translate(
         else CycleDiffusionPipeline.from_pretrained(target_model)
     )
     prompt = source_prompt if prompt is None else prompt
-    kwargs = {"guidance_scale": 1.0, **kwargs}
+    kwargs = {"guidance_scale": TRANSLATION_GUIDANCE, **kwargs}
     return edit(source, target, prompt, source_prompt, image, **kwargs)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..config import REGISTRY, Configurable, read_json, write_json
+from ..config import REGISTRY, WEIGHTS_NAME, Configurable, read_json, write_json
 
 INDEX_NAME = "model_index.json"
 
@@ -31,11 +31,14 @@ class NotAPipelineError(ValueError):
     """The folder given as a model is not a saved cyclediffusion pipeline."""
 
 
-def save_components(directory: str | Path, pipeline_class: str, components: dict[str, Any]) -> None:
-    """Write every component into its own sub-folder and the index naming their classes."""
+def save_components(
+    directory: str | Path, pipeline_class: str, components: dict[str, Any], settings: dict[str, Any] | None = None
+) -> None:
+    """Write every component into its own sub-folder and the index naming their classes (and ``settings``,
+    ``_``-prefixed keys such as the default guidance)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = {"_class_name": pipeline_class, "_cyclediffusion_version": __version__}
+    index: dict[str, Any] = {"_class_name": pipeline_class, "_cyclediffusion_version": __version__, **(settings or {})}
     for name, component in components.items():
         if component is None:
             index[name] = None
@@ -62,16 +65,49 @@ def load_components(directory: str | Path, device: str | torch.device | None = N
             continue
         if class_name not in REGISTRY:
             raise NotAPipelineError(f"{directory / INDEX_NAME}: unknown component class {class_name!r}")
-        components[name] = REGISTRY[class_name].from_pretrained(directory / name, device=device)
+        components[name] = load_component(REGISTRY[class_name], directory / name, device)
     return str(index.get("_class_name", "")), components
 
 
-def resolve_model_dir(path: str | Path, marker: str = INDEX_NAME) -> Path:
-    """A model folder, or a run folder whose ``model/`` holds one (``marker`` names the file to look for)."""
+def load_component(cls: type[Configurable], folder: Path, device: str | torch.device | None = None) -> Any:
+    """``cls.from_pretrained(folder)`` with any fault of the folder (a malformed config, weights missing, in a
+    pickle-based ``.bin`` or not matching the config) reported as one :class:`NotAPipelineError` naming it."""
+    if not folder.is_dir():
+        raise NotAPipelineError(f"{folder}: the component folder is missing")
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickled and not (folder / WEIGHTS_NAME).is_file() and issubclass(cls, torch.nn.Module):
+        raise NotAPipelineError(
+            f"{folder} holds {pickled[0]}, a pickle-based file, which is never loaded: save the weights as "
+            f"{WEIGHTS_NAME} (safetensors)"
+        )
+    try:
+        return cls.from_pretrained(folder, device=device)
+    except NotAPipelineError:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NotAPipelineError(f"{folder}: cannot load the {cls.__name__}: {reason}") from err
+
+
+def resolve_model_dir(path: str | Path, marker: str = INDEX_NAME, component: str | None = None) -> Path:
+    """A model folder: ``path`` or its ``model/`` (a run folder) holding ``marker``; with ``component``, that
+    component's folder inside either is found too (``tokenizer/`` or ``vae/`` of a pipeline)."""
     path = Path(path)
-    for candidate in (path, path / "model"):
+    bases = [path, path / "model"]
+    for candidate in bases + ([b / component for b in bases] if component else []):
         if (candidate / marker).is_file():
             return candidate
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    raise FileNotFoundError(f"{path} holds no model (no {marker} in it or in {path / 'model'})")
+    inside = f"in it or in {path / 'model'}" + (f", nor in their {component}/" if component else "")
+    raise FileNotFoundError(f"{path} holds no {component or 'model'} (no {marker} {inside})")
+
+
+def find_pipeline(path: str | Path) -> Path:
+    """The saved pipeline at ``path`` or in its ``model/``; a folder holding none is a :class:`NotAPipelineError`."""
+    try:
+        return resolve_model_dir(path)
+    except FileNotFoundError as err:
+        if not Path(path).exists():
+            raise
+        raise NotAPipelineError(f"{err}: not a saved pipeline") from None

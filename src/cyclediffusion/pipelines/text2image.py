@@ -23,7 +23,7 @@ class Text2ImagePipeline(DiffusionPipeline):
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: Generator = None,
         output_type: str = "pil",
@@ -42,7 +42,8 @@ class Text2ImagePipeline(DiffusionPipeline):
             negative_prompt: what guidance steers away from (default: the empty prompt that the
                 model saw when its caption was dropped in training).
             num_inference_steps: sampler steps.
-            guidance_scale: classifier-free guidance weight ``w``; 1 disables guidance.
+            guidance_scale: classifier-free guidance weight ``w``; 1 disables guidance (default: the model's own,
+                :attr:`guidance_scale`).
             generator: a generator, or one per image, for the starting noise and sampler noise.
             output_type: ``pil``, ``np`` (B, H, W, 3), ``pt`` (B, 3, H, W) in [0, 1], or ``latent``.
             callback: ``callback(step, timestep, latents)`` every ``callback_steps`` steps.
@@ -57,7 +58,7 @@ class Text2ImagePipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         batch = len(prompts) * num_images_per_prompt
         guidance = self.prompt_guidance(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
-        model_fn = self.guided_model_fn(guidance.cond, guidance.uncond, guidance_scale)
+        model_fn = self.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
 
         if latents is None:
             latents = randn(self.latent_shape(batch, height, width), generator, self.device)
@@ -79,8 +80,8 @@ class Text2ImagePipeline(DiffusionPipeline):
     def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
         """(B, C, h, w) of the starting noise for images of ``height`` x ``width`` pixels."""
         factor = self.latent_factor
-        default = self.denoiser.config.sample_size * factor
+        default = self.denoiser.sample_size * factor
         height, width = height or default, width or default
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
-        return (batch, self.denoiser.config.in_channels, height // factor, width // factor)
+        return (batch, self.denoiser.in_channels, height // factor, width // factor)

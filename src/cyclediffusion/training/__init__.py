@@ -1,20 +1,26 @@
 """Training with PyTorch Lightning: data, LightningModules, callbacks and the run functions the CLI calls.
 
-Needs the ``train`` extra (lightning, datasets, tensorboard); inference does not import this package.
+Needs the ``train`` extra (lightning, datasets, tensorboard); inference does not import this package. The
+options (:mod:`.options`) import no Lightning, so that the CLI can build its parser without it; the run
+functions load Lightning on first use.
 """
 
 from __future__ import annotations
 
-from .modules import CycleConfig
-from .train import (
-    CaptionerOptions,
-    DataOptions,
-    ModelOptions,
-    RunOptions,
-    train_captioner,
-    train_text2image,
-    train_vae,
-)
+from typing import Any
+
+from .options import CaptionerOptions, CycleConfig, DataOptions, ModelOptions, RunOptions, VAEOptions
+
+_RUNS = ("train_captioner", "train_text2image", "train_vae")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUNS:
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CaptionerOptions",
@@ -22,6 +28,7 @@ __all__ = [
     "DataOptions",
     "ModelOptions",
     "RunOptions",
+    "VAEOptions",
     "train_captioner",
     "train_text2image",
     "train_vae",

@@ -1,4 +1,4 @@
-"""Callbacks: EMA, resume checkpoints, exports, throughput and sample grids."""
+"""Callbacks: EMA, resume checkpoints, exports, throughput, sample grids and the progress bar."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar, WeightAveraging
 
 from ..images import make_grid, save_image
 
@@ -84,6 +84,8 @@ class ResumeCheckpoint(L.Callback):
         self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, ArithmeticError):  # a non-finite loss: the last checkpoint is the last good one
+            return
         if trainer.global_step > 0 and trainer.world_size == 1:
             log.warning("training stopped (%s): saving a checkpoint to resume from", type(exception).__name__)
             self.save(trainer)
@@ -178,7 +180,8 @@ class Throughput(L.Callback):
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps``, draws the fixed prompts with the EMA weights into TensorBoard and a PNG."""
+    """Every ``every_n_steps``, draws the fixed prompts with the EMA weights into TensorBoard and a PNG (at the
+    model's default guidance unless ``guidance_scale`` is given)."""
 
     def __init__(
         self,
@@ -186,7 +189,7 @@ class SampleGrid(L.Callback):
         directory: str | Path,
         every_n_steps: int,
         num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         seed: int = 0,
     ) -> None:
         self.prompts = prompts
@@ -222,3 +225,60 @@ class SampleGrid(L.Callback):
         path = self.directory / f"step_{step:07d}.png"
         save_image(grid, path)
         return path
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` (or ``h:mm:ss``) of a duration."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class RunProgressBar(TQDMProgressBar):
+    """The training bar measured against the run's length: steps done of ``steps``, or, for a run with only a
+    time budget, seconds elapsed of ``minutes`` (with the steps done beside them), never Lightning's epochs."""
+
+    def __init__(self, steps: int | None, minutes: float | None) -> None:
+        super().__init__()
+        self.steps = steps
+        self.budget = minutes * 60 if minutes else None
+        self._start = time.perf_counter()
+
+    def elapsed(self, trainer: L.Trainer) -> float:
+        """Training time so far (a resumed run counts the time before the interruption, as its budget does)."""
+        for cb in trainer.callbacks:
+            if isinstance(cb, Timer):
+                return cb.time_elapsed("train")
+        return time.perf_counter() - self._start
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        if self.steps:
+            bar.reset(total=self.steps)
+            bar.n = trainer.global_step
+            bar.unit = "step"
+        else:
+            bar.reset(total=int(self.budget))
+            bar.unit = "s"
+        bar.set_description("train")
+        self.show(trainer, None)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        if trainer.global_step % self.refresh_rate == 0 or trainer.global_step == self.steps:
+            self.show(trainer, pl_module)
+
+    def show(self, trainer: L.Trainer, pl_module: L.LightningModule | None) -> None:
+        bar = self.train_progress_bar
+        elapsed = self.elapsed(trainer)
+        bar.n = trainer.global_step if self.steps else min(int(elapsed), bar.total)
+        postfix = self.get_metrics(trainer, pl_module) if pl_module is not None else {}
+        postfix.pop("v_num", None)
+        if not self.steps:
+            postfix = {"step": trainer.global_step, **postfix}
+        if self.budget:
+            postfix["time"] = f"{clock(elapsed)} of {clock(self.budget)}"
+        bar.set_postfix(postfix, refresh=True)

@@ -1,7 +1,7 @@
-"""Captioned images for training: local ``imagefolder`` folders, hub datasets, and a cache of VAE latents.
+"""Captioned images for training: local ``imagefolder`` folders and hub datasets.
 
 :func:`load_captioned_images` turns ``--data`` into a :class:`CaptionedImages` (``pixels`` and ``caption``);
-:func:`encode_latent_parameters` and :class:`CachedLatents` swap the pixels for VAE posterior parameters.
+:mod:`~cyclediffusion.training.latents` swaps the pixels for cached VAE posterior parameters.
 """
 
 from __future__ import annotations
@@ -21,48 +21,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..images import square_uint8, uint8_to_float
+from ..progress import progress
 
 logger = logging.getLogger("cyclediffusion")
 
 MEMORY_BUDGET = 2 * 1024**3  # bytes of uint8 pixels kept in memory; bigger datasets are decoded lazily
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+LONG_JOB = 1000  # items: longer jobs show a progress bar
 _CHUNK = 256  # rows decoded per batch of the load-time scan
 _WORKERS = min(4, os.cpu_count() or 1)  # PIL releases the GIL while decoding and resizing
-
-
-def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB float32 (3, size, size) in [-1, 1]: short side resized to ``size`` (bicubic), centre-cropped.
-
-    Transparent pixels are composited on white; greyscale, palette and 16-bit images become RGB.
-    """
-    return _to_float(_square_uint8(image, size))
-
-
-def _to_float(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(pixels).float().div_(127.5).sub_(1.0)
-
-
-def _square_uint8(image: Image.Image, size: int) -> np.ndarray:
-    """uint8 (3, size, size): the centred square of the short side, resampled to ``size``."""
-    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation
-        image = ImageOps.exif_transpose(image)
-    if image.mode.startswith(("I", "F")):  # 16/32-bit greyscale: scale to 8 bits
-        values = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16") or values.max() > 255:
-            values = values / 257.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    image = image.convert("RGB")
-    w, h = image.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def _decode(value: Any, size: int | None) -> np.ndarray | None:
@@ -78,7 +49,7 @@ def _decode(value: Any, size: int | None) -> np.ndarray | None:
             scale = size / min(image.size)
             image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         image.load()
-        return _square_uint8(image, size) if size else None
+        return square_uint8(image, size) if size else None
 
 
 def _try_decode(value: Any, size: int | None) -> tuple[np.ndarray | None, str | None]:
@@ -100,17 +71,6 @@ def _caption(value: Any) -> str | None:
     if isinstance(value, (list, tuple)):
         value = next((v for v in value if isinstance(v, str) and v.strip()), None)
     return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _progress(total: int, desc: str) -> Any:
-    """A tqdm bar for long jobs (over 1000 items) when tqdm is installed, else None."""
-    if total <= 1000:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="img")
 
 
 class CaptionedImages(Dataset):
@@ -149,7 +109,8 @@ class CaptionedImages(Dataset):
         limit = min(subset_size, len(images)) if subset_size else len(images)
         in_memory = limit * 3 * image_size**2 <= memory_budget
         pixels = np.empty((limit, 3, image_size, image_size), np.uint8) if in_memory else None
-        kept, bar = [], _progress(limit, f"checking images in {name}")
+        kept = []
+        bar = progress(total=limit, desc=f"checking images in {name}", unit="img", enabled=limit > LONG_JOB)
         chunk = min(_CHUNK, max(limit, 16))  # small subsets decode little beyond what they keep
         with ThreadPoolExecutor(_WORKERS) as pool:
             for start in range(0, len(images), chunk):
@@ -172,10 +133,8 @@ class CaptionedImages(Dataset):
                         pixels[len(kept)] = array
                     kept.append(images[i])
                     self.captions.append(text)
-                if bar is not None:
-                    bar.update(len(rows))
-        if bar is not None:
-            bar.close()
+                bar.update(len(rows))
+        bar.close()
         self._pixels = None if pixels is None else pixels[: len(kept)]
         self._images = None if in_memory else kept
         if in_memory:
@@ -202,12 +161,12 @@ class CaptionedImages(Dataset):
             raise IndexError(f"index {index} out of range for {n} images")
         index %= n
         if self._pixels is not None:
-            return {"pixels": _to_float(self._pixels[index]), "caption": self.captions[index]}
+            return {"pixels": uint8_to_float(self._pixels[index]), "caption": self.captions[index]}
         for offset in range(n):
             j = (index + offset) % n
             array, reason = _try_decode(self._values([self._images[j]])[0], self.image_size)
             if reason is None:
-                return {"pixels": _to_float(array), "caption": self.captions[j]}
+                return {"pixels": uint8_to_float(array), "caption": self.captions[j]}
             logger.warning("data: %s for item %d (%s); using the next item", reason, j, self._images[j])
         raise RuntimeError("data: no readable image is left")
 
@@ -326,87 +285,6 @@ def load_captioned_images(
         images, captions, image_size, subset_size=subset_size, table=table, image_column=image_column,
         memory_budget=memory_budget, skipped=skipped, name=source,
     )  # fmt: skip
-
-
-@torch.no_grad()
-def encode_latent_parameters(
-    dataset: CaptionedImages,
-    vae: torch.nn.Module,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    num_workers: int = 0,
-) -> torch.Tensor:
-    """VAE posterior parameters (N, 2C, h, w), float32 on the CPU: row i is ``vae.encode(dataset[i])``.
-
-    Each row is mean and logvar concatenated (``posterior.parameters``). The VAE runs in eval mode on
-    ``device`` in ``dtype``, and is put back where it was, in the mode it was in, afterwards.
-    """
-    first = next(vae.parameters())
-    place, was_training = (first.device, first.dtype), vae.training
-    vae.to(device, dtype).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    bar, out, start = _progress(len(dataset), "encoding latents"), None, 0
-    try:
-        for batch in loader:
-            params = vae.encode(batch["pixels"].to(device, dtype)).parameters.float().cpu()
-            if out is None:
-                out = torch.empty(len(dataset), *params.shape[1:])
-            out[start : start + len(params)] = params
-            start += len(params)
-            if bar is not None:
-                bar.update(len(params))
-    finally:
-        vae.to(*place).train(was_training)
-        if bar is not None:
-            bar.close()
-    return out
-
-
-class CachedLatents(Dataset):
-    """Cached VAE posterior parameters with captions: items ``{"latent_params": (2C, h, w), "caption": str}``.
-
-    Draw latents at train time with ``DiagonalGaussian(batch["latent_params"]).sample()``.
-    """
-
-    def __init__(self, parameters: torch.Tensor, captions: Sequence[str]) -> None:
-        if parameters.ndim != 4 or len(parameters) != len(captions):
-            raise ValueError(f"need (N, 2C, h, w) parameters and N captions, got {tuple(parameters.shape)}")
-        self.parameters, self.captions = parameters, list(captions)
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"latent_params": self.parameters[index], "caption": self.captions[index]}
-
-
-def save_latent_cache(
-    path: str | os.PathLike, parameters: torch.Tensor, captions: Sequence[str], meta: dict[str, Any]
-) -> None:
-    """Write ``parameters`` to ``path`` (safetensors) and captions + ``meta`` (JSON) beside it (``.json``)."""
-    path = Path(path)
-    if len(parameters) != len(captions):
-        raise ValueError(f"{len(parameters)} latents but {len(captions)} captions")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = {"shape": list(parameters.shape), "captions": list(captions), "meta": meta}
-    for target, write in (
-        (path, lambda tmp: save_file({"parameters": parameters.detach().cpu().contiguous()}, str(tmp))),
-        (path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(sidecar), encoding="utf-8")),
-    ):
-        tmp = target.with_name(target.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, target)
-
-
-def load_latent_cache(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
-    """``(parameters, captions, meta)`` written by :func:`save_latent_cache`; compare ``meta`` to reuse it."""
-    path = Path(path)
-    parameters = load_file(str(path))["parameters"]
-    sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    if sidecar["shape"] != list(parameters.shape) or len(sidecar["captions"]) != len(parameters):
-        raise ValueError(f"latent cache {path} does not match its captions file; delete both to re-encode")
-    return parameters, sidecar["captions"], sidecar["meta"]
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

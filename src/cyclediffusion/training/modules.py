@@ -6,8 +6,8 @@ from a generator seeded with ``(seed, step)`` and then sliced to this rank's row
 a checkpoint, or split over several processes, therefore sees exactly the numbers of one
 uninterrupted single-process run.
 
-The text-to-image step may add a cycle-consistency term: a frozen captioner reads the caption back from
-the denoiser's one-step estimate of the clean image (see :class:`CycleConfig`).
+The text-to-image step may add a cycle-consistency term (:mod:`~cyclediffusion.training.caption_loss`). A step
+whose loss is not finite stops the run with :class:`NonFiniteLossError` before its update.
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ import torch
 
 from ..diffusion import NoiseProcess
 from ..diffusion.base import TrainingLoss, randn
-from ..models import AutoencoderKL, Captioner, DiagonalGaussian, TextEncoder, TextEncoderOutput
+from ..models import AutoencoderKL, Captioner, DiagonalGaussian, TextEncoder
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline, check_compatible
 from ..text import Tokenizer
+from .caption_loss import CYCLE_STREAM, CycleLoss
+from .options import CycleConfig
 
-LOSS_BINS = 4
-CYCLE_MODES = ("x0", "last-k")
-CYCLE_STREAM = 1  # the cycle term draws from its own step-keyed stream: the plain step's numbers never move
+LOSS_BINS = 10  # the denoising loss is logged per tenth of the noise scale (loss_by_noise/bin0 = cleanest)
+
+
+class NonFiniteLossError(ArithmeticError):
+    """Training stopped at a loss that is NaN or infinite (before the step's update, so nothing is overwritten)."""
 
 
 @dataclass
@@ -77,6 +81,30 @@ class StepModule(L.LightningModule):
         self.optim = optim
         self.seed = seed
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run trains at the learning rate it is given now (a lower one after a divergence, say): the
+        schedule's base rates and the optimiser's current rate are rewritten before Lightning restores them."""
+        for sched in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched:
+                sched["base_lrs"] = [self.optim.lr] * len(sched["base_lrs"])
+                current = self.optim.lr * self.optim.factor(int(sched.get("last_epoch", 0)))
+                for state in checkpoint.get("optimizer_states", []):
+                    for group in state.get("param_groups", []):
+                        group["initial_lr"], group["lr"] = self.optim.lr, current
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients that are not finite stop the run before they reach the weights (as a non-finite loss does)."""
+        grads = [p.grad.detach().abs().amax() for p in self.trainable_parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(grads)).all():
+            self.stop_non_finite("the gradients are not finite")
+
+    def stop_non_finite(self, what: str) -> None:
+        step = self.trainer.global_step if self._trainer is not None else 0
+        raise NonFiniteLossError(
+            f"{what} at step {step}: stopped before that step's update; the last checkpoint and export are "
+            "untouched (resume with a lower --lr, or keep --grad-clip on)"
+        )
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -114,6 +142,9 @@ class StepModule(L.LightningModule):
         return full[self.rank_rows(shape[0])]
 
     def log_losses(self, loss: torch.Tensor, batch_size: int, **extra: torch.Tensor) -> None:
+        """Log the step's losses; a loss that is not finite stops the run (its gradients never reach the weights)."""
+        if not torch.isfinite(loss.detach()).all():
+            self.stop_non_finite(f"the training loss is {float(loss.detach())}")
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
         for name, value in extra.items():
             self.log(f"train/{name}", value, sync_dist=True, batch_size=batch_size)
@@ -143,59 +174,6 @@ class VAEModule(StepModule):
 
 
 @dataclass
-class CycleConfig:
-    """The cycle-consistency term of the text-to-image step: ``weight`` x the frozen captioner's loss.
-
-    Mode ``x0``: on every ``every``-th optimiser step, a ``fraction`` of the global batch (at least one
-    row) is noised again at a time below ``t_max`` (in the noise process's own units: integer timesteps
-    for Gaussian diffusion, default ``T // 5``; path time in (0, 1] for flow matching, default 0.2), the
-    denoiser predicts it under the true caption (never dropped), the prediction becomes the one-step
-    estimate ``x0_hat``, the frozen VAE decodes it (pixel-space models use it as it is) and the frozen
-    captioner scores the caption. Gradients reach the denoiser and the text encoder only.
-
-    Mode ``last-k``: the chosen rows are drawn from pure noise under their captions by a deterministic
-    DDIM sampler of ``sample_steps`` steps (flow matching: Euler), the first ``sample_steps - k`` without
-    gradient and the last ``k`` with it, so the captioner reads what the model draws from the caption
-    alone and the gradient runs back through ``k`` denoiser calls (``t_max`` is not used).
-    """
-
-    weight: float = 0.1
-    t_max: float | None = None
-    every: int = 1
-    fraction: float = 0.25
-    mode: str = "x0"
-    k: int = 2
-    sample_steps: int = 10
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"the cycle weight must be non-negative, got {self.weight}")
-        if self.every < 1:
-            raise ValueError(f"cycle every must be at least 1, got {self.every}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"the cycle fraction must be in (0, 1], got {self.fraction}")
-        if self.mode not in CYCLE_MODES:
-            raise ValueError(f"unknown cycle mode {self.mode!r}; choose from {', '.join(CYCLE_MODES)}")
-        if self.t_max is not None and self.t_max <= 0:
-            raise ValueError(f"the cycle t_max must be positive, got {self.t_max}")
-        if not 1 <= self.k <= self.sample_steps:
-            raise ValueError(f"the cycle needs 1 <= k <= sample_steps, got {self.k} and {self.sample_steps}")
-
-    def resolved_t_max(self, noise_process: NoiseProcess) -> float:
-        """``t_max`` for ``noise_process``, its default filled in and its range checked."""
-        if noise_process.kind == "flow":
-            t_max = 0.2 if self.t_max is None else float(self.t_max)
-            if t_max > 1:
-                raise ValueError(f"flow matching times are in (0, 1]: the cycle t_max {t_max} is out of range")
-            return t_max
-        steps = noise_process.num_train_timesteps
-        t_max = steps // 5 if self.t_max is None else self.t_max
-        if t_max != int(t_max) or not 1 <= t_max <= steps:
-            raise ValueError(f"Gaussian diffusion timesteps are integers: the cycle t_max must be in 1..{steps}")
-        return int(t_max)
-
-
-@dataclass
 class StepLosses:
     """What one text-to-image step computed: the total ``loss``, the denoising term, the cycle term (or None)."""
 
@@ -210,8 +188,9 @@ class DiffusionModule(StepModule):
     The VAE (optional) is frozen and kept out of the module tree. Captions are replaced by the empty
     prompt with probability ``caption_dropout`` so that the model also learns the unconditional
     prediction used by classifier-free guidance. With a ``captioner`` and a ``cycle`` of positive
-    weight, the step adds the cycle-consistency term of :class:`CycleConfig`; the captioner, like the
+    weight, the step adds the cycle-consistency term of :class:`~.caption_loss.CycleLoss`; the captioner, like the
     VAE, is frozen and stays out of the module tree (no optimiser, no EMA, no checkpoint, no export).
+    ``guidance_scale`` is stored with the exported pipeline as its default.
     """
 
     def __init__(
@@ -227,6 +206,7 @@ class DiffusionModule(StepModule):
         seed: int = 0,
         captioner: CaptionPipeline | None = None,
         cycle: CycleConfig | None = None,
+        guidance_scale: float | None = None,
     ) -> None:
         super().__init__(optim, seed)
         self.text_encoder = text_encoder
@@ -235,15 +215,10 @@ class DiffusionModule(StepModule):
         self.text_encoder.requires_grad_(train_text_encoder)
         if vae is not None:
             vae.eval().requires_grad_(False)
-        self.cycle = cycle if captioner is not None and cycle is not None and cycle.weight > 0 else None
-        if self.cycle is not None:
-            self.cycle_t_max = self.cycle.resolved_t_max(noise_process)
-            captioner.captioner.eval().requires_grad_(False)
-        else:
-            captioner = None
-        self.shared = Shared(
-            {"tokenizer": tokenizer, "noise_process": noise_process, "vae": vae, "captioner": captioner}
-        )
+        active = captioner is not None and cycle is not None and cycle.weight > 0
+        self.cycle = CycleLoss(cycle, captioner, noise_process) if active else None
+        self.guidance_scale = guidance_scale
+        self.shared = Shared({"tokenizer": tokenizer, "noise_process": noise_process, "vae": vae})
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -260,7 +235,7 @@ class DiffusionModule(StepModule):
     @property
     def captioner(self) -> CaptionPipeline | None:
         """The frozen captioner of the cycle term (None without one)."""
-        return self.shared.value["captioner"]
+        return None if self.cycle is None else self.cycle.captioner
 
     def on_fit_start(self) -> None:
         if self.vae is not None:
@@ -270,7 +245,9 @@ class DiffusionModule(StepModule):
 
     def to_pipeline(self) -> Text2ImagePipeline:
         """The inference pipeline made of this module's (current) weights."""
-        return Text2ImagePipeline(self.tokenizer, self.text_encoder, self.vae, self.denoiser, self.noise_process)
+        return Text2ImagePipeline(
+            self.tokenizer, self.text_encoder, self.vae, self.denoiser, self.noise_process, self.guidance_scale
+        )
 
     def clean_latents(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
         """x0 for the noise process: sampled cached latents, freshly encoded images, or pixels."""
@@ -309,64 +286,14 @@ class DiffusionModule(StepModule):
         loss = denoise.loss.mean()
         cycle = None
         if self.cycle is not None and self.cycle_due(step):
-            cycle = self.cycle_loss(x0, captions, self.step_generator(step, CYCLE_STREAM))
-            loss = loss + self.cycle.weight * cycle
+            cycle = self.cycle.loss(self, x0, captions, self.step_generator(step, CYCLE_STREAM))
+            loss = loss + self.cycle.config.weight * cycle
         return StepLosses(loss, denoise, cycle)
 
     def cycle_due(self, step: int) -> bool:
         """Whether micro-batch ``step`` belongs to an optimiser step that carries the cycle term."""
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        return (step // accumulate) % self.cycle.every == 0
-
-    def cycle_loss(self, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
-        """The captioner's loss on the one-step ``x0_hat`` of some rows of this batch (see :class:`CycleConfig`).
-
-        Rows, times and noise are drawn for the global batch from ``g`` and sliced to this rank, and the
-        per-caption losses are summed and divided by the global number of cycle rows, so that ranks
-        averaging their gradients reproduce one process's mean.
-        """
-        local, world = len(captions), self.world_size()
-        total = local * world
-        count = max(1, round(self.cycle.fraction * total))
-        chosen = torch.zeros(total, dtype=torch.bool)
-        chosen[torch.randperm(total, generator=g, device=g.device)[:count].cpu()] = True
-        last_k = self.cycle.mode == "last-k"
-        t = None if last_k else self.low_noise_timesteps(total, g)[self.rank_rows(local)]
-        noise = self.draw_normal(g, x0.shape)
-        index = chosen[self.rank_rows(local)].nonzero().squeeze(1).to(self.device)
-        if index.numel() == 0:  # this rank drew no cycle rows this step
-            return x0.new_zeros(())
-        texts = [captions[i] for i in index.tolist()]
-        text = self.text_encoder(self.tokenizer(texts).input_ids.to(self.device))
-        if last_k:
-            x0_hat = self.draw_last_k(noise[index], text)
-        else:
-            process, x0, t = self.noise_process, x0[index], t[index]
-            x_t = process.add_noise(x0, noise[index], t)
-            prediction = self.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled)
-            x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
-        pixels = x0_hat if self.vae is None else self.vae.decode_latents(x0_hat)
-        per_caption = self.captioner.loss(pixels, texts, reduction="none")
-        return per_caption.sum() * world / count
-
-    def draw_last_k(self, noise: torch.Tensor, text: TextEncoderOutput) -> torch.Tensor:
-        """Sample from ``noise`` under ``text``: the cycle's sampler steps, gradient through the last ``k``."""
-        process = self.noise_process
-        grid = process.grid(self.cycle.sample_steps)
-        head, tail = grid[: -self.cycle.k], grid[-self.cycle.k :]
-
-        def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(x, s, text.hidden_states, text.pooled).float()
-
-        with torch.no_grad():
-            x = process.denoise(model_fn, noise, head)
-        return process.denoise(model_fn, x, tail)
-
-    def low_noise_timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
-        """``n`` times uniform below the cycle's ``t_max``, in the noise process's units."""
-        if self.noise_process.kind == "flow":
-            return (torch.rand(n, generator=g, device=g.device) * self.cycle_t_max).to(self.device)
-        return torch.randint(0, int(self.cycle_t_max), (n,), generator=g, device=g.device).to(self.device)
+        return self.cycle.due(step, accumulate)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.step_losses(batch)

@@ -1,0 +1,265 @@
+"""The options of a training run, each declared once: its field here is its default, its help, its ``--flag`` (both
+spellings and the seeds' names) and its key in ``OUT/options.yaml``.
+
+A run reads them from the command line, from a config file (``--config run.yaml``, sections ``data``, ``run`` and
+``model`` / ``vae`` / ``captioner``) or from Python, and writes what it resolved to ``OUT/options.yaml``, which
+``--config`` takes back to reproduce the run. This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from ..models import AutoencoderKL
+from ..options import option
+from ..recipes import DEFAULT_GUIDANCE, DEFAULT_PROMPTS, build_denoiser, build_noise_process, build_text_encoder
+from ..text import Tokenizer
+
+CYCLE_MODES = ("x0", "last-k")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {text}")
+    return value
+
+
+def devices_arg(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+@dataclass
+class DataOptions:
+    """Where the captioned images come from and how they are prepared."""
+
+    data: str = option(help="imagefolder (images + metadata.jsonl/csv) or a hub dataset name", aliases=("dataset",))
+    image_size: int = option(32, "centre-crop size in pixels", parse=positive_int)
+    split: str = option("train", "dataset split (hub datasets)")
+    cache_dir: str | None = option(None, "datasets cache folder (hub datasets)")
+    subset_size: int | None = option(None, "use only the first N examples (0 or none: all)")
+    caption_column: str = option("text", "caption column")
+    image_column: str = option("image", "image column of hub datasets")
+    num_workers: int = option(0, "data loader worker processes")
+    cache_latents: bool = option(False, "encode the dataset once with the VAE (text-to-image)")
+
+
+@dataclass
+class RunOptions:
+    """Length, optimisation, precision, devices and bookkeeping of a training run."""
+
+    out: str = option(help="run folder: model/, checkpoints/, logs/, samples/, options.yaml")
+    steps: int | None = option(None, "optimiser steps", parse=positive_int)
+    epochs: float | None = option(None, "epochs (instead of --steps)")
+    minutes: float | None = option(None, "wall-time budget (alone or as a cap)")
+    batch_size: int = option(64, "batch size per device", parse=positive_int)
+    lr: float = option(1e-3, "peak learning rate", aliases=("learning_rate",))
+    wd: float = option(0.0, "AdamW weight decay", aliases=("weight_decay",))
+    warmup: int = option(100, "linear LR warmup steps")
+    lr_schedule: str = option("constant", "LR after warmup", choices=("constant", "cosine"))
+    precision: str = option("32", "Lightning precision", choices=("32", "bf16-mixed", "16-mixed", "32-true"))
+    accumulate: int = option(1, "gradient accumulation steps", parse=positive_int)
+    grad_clip: float | None = option(1.0, "gradient norm clip (0: off)")
+    devices: int | str = option(1, "number of devices (or 'auto')", parse=devices_arg)
+    accelerator: str = option("auto", "auto, cpu, gpu ...")
+    strategy: str = option("auto", "auto, ddp, ddp_spawn ...")
+    seed: int = option(0, "seed of data order, noise and initialisation")
+    ema_decay: float | None = option(0.999, "EMA decay (0: no EMA)")
+    log_every: int = option(25, "log metrics every N steps", parse=positive_int)
+    checkpoint_every: int = option(500, "resume checkpoint every N steps")
+    export_every: int = option(0, "export the model every N steps (always at the end)")
+    sample_every: int = option(0, "sample grid of fixed prompts every N steps")
+    resume: bool = option(True, "continue from OUT/checkpoints/last.ckpt when it exists (--no-resume: start afresh)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if not (self.steps or self.epochs or self.minutes):
+            raise ValueError("give the length of the run: --steps, --epochs or --minutes")
+        if self.batch_size < 1 or self.accumulate < 1:
+            raise ValueError(f"batch size and accumulation must be >= 1, got {self.batch_size}, {self.accumulate}")
+
+
+@dataclass
+class CycleConfig:
+    """The cycle-consistency term of the text-to-image step: ``weight`` x the frozen captioner's loss.
+
+    Mode ``x0``: on every ``every``-th optimiser step, a ``fraction`` of the global batch (at least one
+    row) is noised again at a time below ``t_max`` (in the noise process's own units: integer timesteps
+    for Gaussian diffusion, default ``T // 5``; path time in (0, 1] for flow matching, default 0.2), the
+    denoiser predicts it under the true caption (never dropped), the prediction becomes the one-step
+    estimate ``x0_hat``, the frozen VAE decodes it (pixel-space models use it as it is) and the frozen
+    captioner scores the caption. Gradients reach the denoiser and the text encoder only.
+
+    Mode ``last-k``: the chosen rows are drawn from pure noise under their captions by a deterministic
+    DDIM sampler of ``sample_steps`` steps (flow matching: Euler), the first ``sample_steps - k`` without
+    gradient and the last ``k`` with it, so the captioner reads what the model draws from the caption
+    alone and the gradient runs back through ``k`` denoiser calls (``t_max`` is not used).
+    """
+
+    weight: float = option(0.1, "weight of the captioner's loss")
+    t_max: float | None = option(None, "x0: noise below this time (none: ddpm T/5 steps, flow 0.2)")
+    every: int = option(1, "add the term every K optimiser steps", parse=positive_int)
+    fraction: float = option(0.25, "share of the batch given the term")
+    mode: str = option(
+        "x0", "x0: one-step estimate at low noise; last-k: draw from noise, gradient through the last k steps",
+        choices=CYCLE_MODES,
+    )  # fmt: skip
+    k: int = option(2, "last-k: sampler steps with gradient", parse=positive_int)
+    sample_steps: int = option(10, "last-k: sampler steps in all", parse=positive_int)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"the cycle weight must be non-negative, got {self.weight}")
+        if self.every < 1:
+            raise ValueError(f"cycle every must be at least 1, got {self.every}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"the cycle fraction must be in (0, 1], got {self.fraction}")
+        if self.mode not in CYCLE_MODES:
+            raise ValueError(f"unknown cycle mode {self.mode!r}; choose from {', '.join(CYCLE_MODES)}")
+        if self.t_max is not None and self.t_max <= 0:
+            raise ValueError(f"the cycle t_max must be positive, got {self.t_max}")
+        if not 1 <= self.k <= self.sample_steps:
+            raise ValueError(f"the cycle needs 1 <= k <= sample_steps, got {self.k} and {self.sample_steps}")
+
+
+@dataclass
+class ModelOptions:
+    """The text-to-image model: backbone, noise process and text encoder, or a pipeline to start from.
+
+    ``model_size`` names a recipe of :mod:`cyclediffusion.recipes`; the ``unet_*`` and ``dit_*`` fields change
+    one architecture field of it at a time. ``init_from`` (an exported pipeline, or a run folder) supplies
+    tokenizer, text encoder, denoiser, noise process and VAE, and the options that would build them are ignored.
+    ``captioner`` (an exported caption pipeline) adds the cycle-consistency term described by ``cycle``.
+    """
+
+    backbone: str = option("unet", "denoiser architecture", choices=("unet", "dit"), aliases=("denoising_type",))
+    model_size: str = option("small", "unet: tiny|small|medium|base; dit: tiny|small|DiT-S/2|...")
+    unet_base_channels: int | None = option(None, "U-Net channels of the first level (later levels keep the ratios)")
+    dit_hidden_size: int | None = option(None, "DiT width")
+    dit_depth: int | None = option(None, "DiT blocks")
+    dit_num_heads: int | None = option(None, "DiT attention heads (alone: the size's head width is kept)")
+    dit_patch_size: int | None = option(None, "DiT patch side in latent cells")
+    scheduler: str = option("ddpm", "noise process", choices=("ddpm", "flow"))
+    prediction_type: str = option("v_prediction", "ddpm: network target", choices=("epsilon", "x0", "v_prediction"))
+    beta_schedule: str = option("cosine", "ddpm: beta schedule", choices=("linear", "scaled_linear", "cosine"))
+    num_train_timesteps: int | None = option(None, "ddpm: diffusion timesteps (none: 1000)", aliases=("num_timesteps",))
+    # min-SNR-5 (ddpm): ShapesEval shape 0.89 against 0.55 unweighted after 5 CPU min
+    snr_gamma: float | None = option(
+        5.0, "ddpm: min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off", parse=non_negative_float
+    )
+    time_sampling: str = option("logit_normal", "flow: training times", choices=("uniform", "logit_normal"))
+    vae: str | None = option(None, "trained VAE (run folder or model folder); pixel space without it")
+    latent_channels: int | None = option(None, "latent channels the VAE must have (checked)", aliases=("latent_dim",))
+    caption_dropout: float = option(0.1, "probability of the empty caption (for guidance)")
+    text_width: int = option(128, "text encoder width", parse=positive_int, aliases=("text_emb_dim",))
+    text_layers: int = option(2, "text encoder layers", parse=positive_int)
+    text_heads: int = option(4, "text encoder attention heads", parse=positive_int)
+    vocab_size: int = option(1024, "BPE vocabulary trained on the captions", parse=positive_int)
+    max_length: int | None = option(None, "token length (none: fit the captions)", parse=positive_int)
+    guidance_scale: float = option(DEFAULT_GUIDANCE, "guidance the exported model samples with by default")
+    sample_prompts: list[str] = option(
+        factory=lambda: list(DEFAULT_PROMPTS), help="prompt of the sample grids (repeatable)", flag="sample_prompt"
+    )
+    init_from: str | None = option(None, "start from an exported pipeline (run or model folder): fine-tuning")
+    captioner: str | None = option(None, "trained captioner for the cycle loss (train-captioner run or model folder)")
+    cycle: CycleConfig = option(
+        factory=CycleConfig, help="cycle loss (a frozen captioner reads the caption back)", prefix="cycle"
+    )
+
+    def __post_init__(self) -> None:
+        if self.cycle != CycleConfig() and self.cycle.weight > 0 and not self.captioner:
+            raise ValueError("the --cycle-* options need --captioner")
+        if self.num_train_timesteps is not None and self.scheduler != "ddpm":
+            raise ValueError("--num-train-timesteps is an option of --scheduler ddpm")
+
+    def build(self, tokenizer: Tokenizer, vae: AutoencoderKL | None, image_size: int) -> dict[str, Any]:
+        """A fresh ``text_encoder``, ``denoiser`` and ``noise_process`` of these options for ``tokenizer`` and the
+        latents of ``vae`` (pixels without one) at ``image_size``, built by :mod:`cyclediffusion.recipes`."""
+        channels, side = self.latent_shape(vae, image_size)
+        arch = {"in_channels": channels, "sample_size": side, "context_dim": self.text_width, **self.architecture()}
+        return {
+            "text_encoder": build_text_encoder(tokenizer, self.text_width, self.text_layers, self.text_heads),
+            "denoiser": build_denoiser(self.backbone, self.model_size, **arch),
+            "noise_process": build_noise_process(self.scheduler, **self.noise_options()),
+        }
+
+    def latent_shape(self, vae: AutoencoderKL | None, image_size: int) -> tuple[int, int]:
+        """``(channels, side)`` of the denoiser's inputs: the VAE's latents, or pixels without one."""
+        if vae is None:
+            channels, side = 3, image_size
+        else:
+            if image_size % vae.downsample_factor:
+                raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's {vae.downsample_factor}")
+            channels, side = vae.latent_channels, image_size // vae.downsample_factor
+        if self.latent_channels is not None and self.latent_channels != channels:
+            where = "the VAE's latents have" if vae is not None else "pixel space (no --vae) has"
+            raise ValueError(f"--latent-channels {self.latent_channels}, but {where} {channels} channels")
+        return channels, side
+
+    def noise_options(self) -> dict[str, object]:
+        """The config fields of the chosen noise process (see :func:`~cyclediffusion.recipes.build_noise_process`)."""
+        if self.scheduler == "flow":
+            return {"time_sampling": self.time_sampling}
+        return {
+            "prediction_type": self.prediction_type,
+            "beta_schedule": self.beta_schedule,
+            "snr_gamma": self.snr_gamma,
+            "num_train_timesteps": self.num_train_timesteps,
+        }
+
+    def architecture(self) -> dict[str, object]:
+        """The fields set on top of ``model_size`` (see :func:`~cyclediffusion.recipes.build_denoiser`)."""
+        dit = {"hidden_size": self.dit_hidden_size, "depth": self.dit_depth, "num_heads": self.dit_num_heads}
+        dit["patch_size"] = self.dit_patch_size
+        given_dit = {k: v for k, v in dit.items() if v is not None}
+        if self.backbone == "unet" and given_dit:
+            raise ValueError(f"--dit-{next(iter(given_dit)).replace('_', '-')} is an option of --backbone dit")
+        return {"base_channels": self.unet_base_channels, **given_dit}
+
+
+@dataclass
+class VAEOptions:
+    """The KL autoencoder: a named size, its spatial downsampling and the KL weight."""
+
+    size: str = option("tiny", "VAE size", choices=("tiny", "small", "base"), flag="vae_size")
+    downsample: int = option(4, "spatial downsampling", choices=(2, 4, 8))
+    latent_channels: int = option(4, "latent channels", aliases=("latent_dim",), parse=positive_int)
+    kl_weight: float = option(1e-4, "weight of the KL term per latent element")
+
+
+@dataclass
+class CaptionerOptions:
+    """The captioner: a named size, its patch size, and its tokenizer (trained here, or ``tokenizer``'s).
+
+    ``tokenizer`` is a tokenizer folder, or a model or run folder holding one (a text-to-image run's,
+    so that both models share it). ``holdout`` keeps the last N images out of training to score the
+    captioner on at the end (generated with ``num_beams``).
+    """
+
+    size: str = option("small", "captioner size", choices=("tiny", "small", "base"), flag="captioner_size")
+    patch_size: int | None = option(None, "pixels per patch side (none: image size / 8)", parse=positive_int)
+    tokenizer: str | None = option(None, "reuse a tokenizer: its folder, or a text-to-image run or model folder")
+    vocab_size: int = option(1024, "vocabulary of a tokenizer trained here", parse=positive_int)
+    max_length: int | None = option(None, "token length (none: fit the captions)", parse=positive_int)
+    holdout: int = option(0, "keep the last N images out of training; score captions on them")
+    num_beams: int = option(1, "beam width of the held-out captions", parse=positive_int, flag="beams")
+
+
+# The sections of each training command, in the order of options.yaml, and the defaults its recipe changes.
+COMMANDS: dict[str, dict[str, type]] = {
+    "train": {"data": DataOptions, "run": RunOptions, "model": ModelOptions},
+    "train-vae": {"data": DataOptions, "run": RunOptions, "vae": VAEOptions},
+    "train-captioner": {"data": DataOptions, "run": RunOptions, "captioner": CaptionerOptions},
+}
+RECIPE_DEFAULTS: dict[str, dict[str, dict[str, object]]] = {
+    "train-captioner": {"run": {"lr": 5e-4}},
+}

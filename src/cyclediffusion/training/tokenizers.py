@@ -1,0 +1,51 @@
+"""The tokenizer of a run: trained on its captions, reused when it resumes, or copied from another model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..pipelines.storage import resolve_model_dir
+from ..text import TOKENIZER_NAME, Tokenizer
+from .options import CaptionerOptions
+
+
+def prepare_tokenizer(out: Path, captions: list[str], vocab_size: int, max_length: int | None) -> Tokenizer:
+    """Train the BPE tokenizer on the captions (or reload the run's own, when resuming).
+
+    Without ``max_length`` the token length fits the longest caption (a multiple of 8, at most 77).
+    """
+    path = out / "tokenizer"
+    if (path / TOKENIZER_NAME).is_file():
+        return Tokenizer.from_pretrained(path)
+    if max_length is None:
+        probe = Tokenizer.train(captions, vocab_size=vocab_size, max_length=77)
+        longest = int(probe(captions).attention_mask.sum(1).max())
+        max_length = min(77, 8 * math.ceil(longest / 8))
+    tokenizer = Tokenizer.train(captions, vocab_size=vocab_size, max_length=max_length)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def find_tokenizer(path: str | Path) -> Path:
+    """A tokenizer folder: ``path`` itself, or the ``tokenizer/`` of ``path`` or of ``path/model``."""
+    return resolve_model_dir(path, TOKENIZER_NAME, component="tokenizer")
+
+
+def captioner_tokenizer(out: Path, captions: list[str], options: CaptionerOptions) -> Tokenizer:
+    """The run's tokenizer: a copy of ``options.tokenizer``, or one trained on the captions.
+
+    A resumed run must keep the tokenizer it started with: a different ``--tokenizer`` is refused.
+    """
+    if not options.tokenizer:
+        return prepare_tokenizer(out, captions, options.vocab_size, options.max_length)
+    if options.max_length is not None:
+        raise ValueError("--max-length comes with the tokenizer given by --tokenizer: drop one of them")
+    tokenizer = Tokenizer.from_pretrained(find_tokenizer(options.tokenizer))
+    own = out / "tokenizer"
+    if (own / TOKENIZER_NAME).is_file():
+        previous = Tokenizer.from_pretrained(own)
+        if previous.backend.to_str() != tokenizer.backend.to_str() or previous.config != tokenizer.config:
+            raise ValueError(f"{out} was started with another tokenizer than {options.tokenizer}; use a new --out")
+    tokenizer.save_pretrained(own)
+    return tokenizer
