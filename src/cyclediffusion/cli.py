@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .options import add_flags, given_flags, read_config, resolve, spellings
+from .pipelines.base import pick_device
 from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_int
 
 log = logging.getLogger("cyclediffusion")
@@ -42,22 +43,6 @@ def api_default(fn: Callable, name: str) -> Any:
     return inspect.signature(fn).parameters[name].default
 
 
-def quiet_lightning() -> None:
-    """Keep Lightning's start-up chatter (device lists, tips) out of the user's terminal.
-
-    Lightning sets its loggers to INFO when imported, so this runs after the import.
-    """
-    import warnings
-
-    import lightning  # noqa: F401
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*treespec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-
-
 # --------------------------------------------------------------------------- training commands
 def training_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """The command's option sections from the defaults, ``--config`` and the flags; None after ``--dry-run``."""
@@ -70,7 +55,6 @@ def training_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
         print(yaml.safe_dump({k: to_plain(v) for k, v in options.items()}, sort_keys=False), end="")
         return None
-    quiet_lightning()
     return options
 
 
@@ -104,6 +88,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
+    from .images import open_image
     from .pipelines.caption import CaptionPipeline
 
     pipe = CaptionPipeline.from_pretrained(args.model, device=pick_device(args.device))
@@ -116,6 +101,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from .images import save_images
     from .pipelines import Text2ImagePipeline
 
     pipe = Text2ImagePipeline.from_pretrained(args.model, device=pick_device(args.device))
@@ -133,7 +119,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         eta=args.eta,
         output_type="pt",
     ).images
-    write_images(images, Path(args.out), nrow=n if len(args.prompt) > 1 else min(8, n), scale=args.scale)
+    save_images(images, Path(args.out), nrow=n if len(args.prompt) > 1 else min(8, n), scale=args.scale)
 
 
 def check_scheduler(pipe: Any, scheduler: str | None, model: str) -> None:
@@ -144,33 +130,6 @@ def check_scheduler(pipe: Any, scheduler: str | None, model: str) -> None:
     if scheduler is not None and not isinstance(pipe.noise_process, families[scheduler]):
         other = next(k for k, v in families.items() if isinstance(pipe.noise_process, v))
         raise UsageError(f"the model in {model} was trained with --scheduler {other}, not {scheduler}")
-
-
-def write_images(images, out: Path, nrow: int, scale: int = 1) -> None:
-    """One PNG, or a grid at ``out`` and each image beside it (``out_0.png``, ...)."""
-    from .images import make_grid, save_image
-
-    if len(images) == 1:
-        save_image(images[0], out, scale=scale)
-    else:
-        save_image(make_grid(images, nrow=nrow), out, scale=scale)
-        for i, image in enumerate(images):
-            save_image(image, out.with_name(f"{out.stem}_{i}{out.suffix}"), scale=scale)
-    print(f"wrote {out}" + (f" and {len(images)} single images beside it" if len(images) > 1 else ""))
-
-
-def open_image(path: str):
-    """A PIL image, or a user error naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except UnidentifiedImageError as err:
-        raise ValueError(f"{path} is not an image PIL can read") from err
 
 
 def edit_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,15 +151,17 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
+    from .images import open_image, save_images
     from .pipelines import CycleDiffusionPipeline
 
     image = open_image(args.image)
     pipe = CycleDiffusionPipeline.from_pretrained(args.model, device=pick_device(args.device))
     images = pipe(args.prompt, args.source_prompt, image, **edit_options(args)).images
-    write_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
+    save_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
+    from .images import open_image, save_images
     from .pipelines import CycleDiffusionPipeline, translate
 
     image = open_image(args.image)
@@ -212,7 +173,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
     if args.guidance is None:
         options.pop("guidance_scale")  # translate's own default
     images = translate(image, source, target, args.source_prompt, prompt, **options).images
-    write_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
+    save_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -242,28 +203,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_vae(args: argparse.Namespace) -> None:
-    import json
+    from .eval import evaluate_vae_folder
 
-    from .eval import evaluate_vae, find_vae_dir, holdout_subset, load_vae
-
-    if not 0 < args.holdout <= 1:
-        raise UsageError(f"--holdout must be in (0, 1], got {args.holdout}")
-    vae_dir = find_vae_dir(args.model)
-    vae = load_vae(vae_dir, device=pick_device(args.device))
-    if args.image_size % vae.downsample_factor:
-        raise UsageError(f"--image-size {args.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
-    options = resolve({"data": DataOptions}, {}, given_flags(args))["data"]
-    quiet_lightning()
-
-    from .training.train import load_images
-
-    images = holdout_subset(load_images(options), args.holdout)
-    report = evaluate_vae(vae, images, batch_size=args.batch_size, seed=args.seed)
-    in_pipeline = vae_dir.name == "vae" and (vae_dir.parent / "model_index.json").is_file()
-    out = Path(args.out) if args.out else (vae_dir.parent.parent if in_pipeline else vae_dir.parent) / "eval"
-    out = out if out.suffix == ".json" else out / "vae_eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(vae_dir), "data": options.data, **report.to_json()}, indent=2) + "\n")
+    data = resolve({"data": DataOptions}, {}, given_flags(args))["data"]
+    report, out = evaluate_vae_folder(args.model, data, args.holdout, args.batch_size, args.seed, args.out, args.device)
     print(report.table())
     print(f"wrote {out}")
 
@@ -271,17 +214,8 @@ def cmd_eval_vae(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    quiet_lightning()
     names = ("out", "minutes", "backbone", "model_size", "lr", "seed", "n")
     print(f"report: {run_demo(**{name: getattr(args, name) for name in names})}")
-
-
-def pick_device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --------------------------------------------------------------------------- parser

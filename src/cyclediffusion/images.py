@@ -129,3 +129,29 @@ def images_to_tensor(image: ImageInput, multiple: int = 1) -> torch.Tensor:
     if len(shapes) > 1:
         raise ValueError(f"images of different sizes in one batch: {sorted(shapes)}")
     return torch.cat([t.cpu() for t in tensors])
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image at ``path`` (loaded), or a ``FileNotFoundError`` / ``ValueError`` naming the file."""
+    from PIL import UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{path} is not an image PIL can read") from err
+
+
+def save_images(images: torch.Tensor, out: Path, nrow: int, scale: int = 1) -> None:
+    """One PNG, or a grid at ``out`` and each image beside it (``out_0.png``, ...); says what it wrote."""
+    out = Path(out)
+    if len(images) == 1:
+        save_image(images[0], out, scale=scale)
+    else:
+        save_image(make_grid(images, nrow=nrow), out, scale=scale)
+        for i, image in enumerate(images):
+            save_image(image, out.with_name(f"{out.stem}_{i}{out.suffix}"), scale=scale)
+    print(f"wrote {out}" + (f" and {len(images)} single images beside it" if len(images) > 1 else ""))

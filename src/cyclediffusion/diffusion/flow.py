@@ -43,7 +43,6 @@ class FlowMatching(NoiseProcessBase, Configurable):
     """Owns the flow-matching path, the velocity loss and the Euler / Heun samplers."""
 
     config_class = FlowConfig
-    kind = "flow"
     prediction_type = "velocity"
 
     def __init__(self, config: FlowConfig | None = None) -> None:

@@ -58,7 +58,6 @@ class GaussianDiffusion(NoiseProcessBase, Configurable):
     """Owns the schedule, the training target and loss, and the DDIM / ancestral DDPM samplers."""
 
     config_class = GaussianConfig
-    kind = "gaussian"
 
     def __init__(self, config: GaussianConfig | None = None) -> None:
         self.config = config or GaussianConfig()

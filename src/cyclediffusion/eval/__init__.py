@@ -18,7 +18,7 @@ from .shapes_eval import (
     relation_holds,
     score,
 )
-from .vae_eval import VAEReport, evaluate_vae, find_vae_dir, holdout_subset, load_vae, psnr, ssim
+from .vae_eval import VAEReport, evaluate_vae, evaluate_vae_folder, find_vae_dir, holdout_subset, load_vae, psnr, ssim
 
 __all__ = [
     "CATEGORIES",
@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_captioner",
     "evaluate_pipeline",
     "evaluate_vae",
+    "evaluate_vae_folder",
     "find_vae_dir",
     "holdout_subset",
     "load_vae",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from ..models.vae import AutoencoderKL
+from ..pipelines.base import pick_device
 from ..pipelines.storage import resolve_model_dir
 from ..progress import progress as progress_bar
 
@@ -264,3 +265,34 @@ def find_vae_dir(path: str | Path) -> Path:
 def load_vae(path: str | Path, device: str | torch.device | None = None) -> AutoencoderKL:
     """:class:`AutoencoderKL` from a VAE folder, a run folder or a pipeline folder (see :func:`find_vae_dir`)."""
     return AutoencoderKL.from_pretrained(find_vae_dir(path), device=device)
+
+
+def evaluate_vae_folder(
+    model: str | Path,
+    data: Any,
+    holdout: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device: str = "auto",
+) -> tuple[VAEReport, Path]:
+    """``eval-vae``: evaluate the VAE found at ``model`` (see :func:`find_vae_dir`) on the last ``holdout`` share
+    of ``data`` (:class:`~cyclediffusion.training.options.DataOptions`), write the report as JSON to ``out``
+    (a file or folder; default ``RUN/eval/vae_eval.json``) and return it with the path written."""
+    import json
+
+    from ..training.data import load_images
+
+    if not 0 < holdout <= 1:
+        raise ValueError(f"--holdout must be in (0, 1], got {holdout}")
+    vae_dir = find_vae_dir(model)
+    vae = load_vae(vae_dir, device=pick_device(device))
+    if data.image_size % vae.downsample_factor:
+        raise ValueError(f"--image-size {data.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
+    report = evaluate_vae(vae, holdout_subset(load_images(data), holdout), batch_size=batch_size, seed=seed)
+    in_pipeline = vae_dir.name == "vae" and (vae_dir.parent / "model_index.json").is_file()
+    path = Path(out) if out else (vae_dir.parent.parent if in_pipeline else vae_dir.parent) / "eval"
+    path = path if path.suffix == ".json" else path / "vae_eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": str(vae_dir), "data": data.data, **report.to_json()}, indent=2) + "\n")
+    return report, path

@@ -55,6 +55,13 @@ class Guidance:
         return self.uncond is not None and self.scale != 1.0
 
 
+def pick_device(name: str = "auto") -> str:
+    """``auto``: the GPU when there is one, else the CPU; any other name as it is."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def as_list(text: str | Sequence[str], name: str) -> list[str]:
     """A prompt or list of prompts as a non-empty list."""
     items = [text] if isinstance(text, str) else list(text)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ..images import square_uint8, uint8_to_float
 from ..progress import progress
+from .options import DataOptions
 
 logger = logging.getLogger("cyclediffusion")
 
@@ -285,6 +286,19 @@ def load_captioned_images(
         images, captions, image_size, subset_size=subset_size, table=table, image_column=image_column,
         memory_budget=memory_budget, skipped=skipped, name=source,
     )  # fmt: skip
+
+
+def load_images(data: DataOptions) -> CaptionedImages:
+    """:func:`load_captioned_images` of a run's :class:`~.options.DataOptions`."""
+    return load_captioned_images(
+        data.data,
+        data.image_size,
+        split=data.split,
+        cache_dir=data.cache_dir,
+        subset_size=data.subset_size or None,
+        caption_column=data.caption_column,
+        image_column=data.image_column,
+    )
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

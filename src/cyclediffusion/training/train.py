@@ -45,7 +45,7 @@ from .callbacks import (
     Throughput,
     export_atomically,
 )
-from .data import collate, load_captioned_images
+from .data import collate, load_images
 from .latents import latent_dataset
 from .modules import CaptionerModule, DiffusionModule, OptimConfig, VAEModule
 from .options import CaptionerOptions, DataOptions, ModelOptions, RunOptions, VAEOptions
@@ -54,6 +54,23 @@ from .tokenizers import captioner_tokenizer, prepare_tokenizer
 
 log = logging.getLogger("cyclediffusion")
 OPTIONS_NAME = "options.yaml"
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (device lists, tips) out of the user's terminal.
+
+    Lightning sets its loggers to INFO when imported, so this runs after the import.
+    """
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+
+
+quiet_lightning()
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -162,18 +179,6 @@ def start_run(run: RunOptions, **sections: Any) -> Path:
     (out / OPTIONS_NAME).write_text(text)
     L.seed_everything(run.seed, verbose=False)
     return out
-
-
-def load_images(data: DataOptions):
-    return load_captioned_images(
-        data.data,
-        data.image_size,
-        split=data.split,
-        cache_dir=data.cache_dir,
-        subset_size=data.subset_size or None,
-        caption_column=data.caption_column,
-        image_column=data.image_column,
-    )
 
 
 def optim_config(run: RunOptions, steps: int | None) -> OptimConfig:
