@@ -93,7 +93,13 @@ class StepModule(L.LightningModule):
                         group["initial_lr"], group["lr"] = self.optim.lr, current
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients that are not finite stop the run before they reach the weights (as a non-finite loss does)."""
+        """Gradients that are not finite stop the run before they reach the weights (as a non-finite loss does).
+
+        They are averaged over the ranks by now, so every rank stops together. Under fp16 mixed precision the
+        gradient scaler skips such steps itself, and they are left to it.
+        """
+        if self._trainer is not None and str(self.trainer.precision).startswith("16"):
+            return
         grads = [p.grad.detach().abs().amax() for p in self.trainable_parameters() if p.grad is not None]
         if grads and not torch.isfinite(torch.stack(grads)).all():
             self.stop_non_finite("the gradients are not finite")
@@ -142,8 +148,10 @@ class StepModule(L.LightningModule):
         return full[self.rank_rows(shape[0])]
 
     def log_losses(self, loss: torch.Tensor, batch_size: int, **extra: torch.Tensor) -> None:
-        """Log the step's losses; a loss that is not finite stops the run (its gradients never reach the weights)."""
-        if not torch.isfinite(loss.detach()).all():
+        """Log the step's losses; a loss that is not finite stops the run (its gradients never reach the weights).
+
+        Under DDP one rank's loss is not the others', so the check is left to the averaged gradients there."""
+        if self.world_size() == 1 and not torch.isfinite(loss.detach()).all():
             self.stop_non_finite(f"the training loss is {float(loss.detach())}")
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
         for name, value in extra.items():
