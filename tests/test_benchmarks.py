@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+from cyclediffusion import Text2ImagePipeline
+
 from helpers import load
 
 
@@ -98,3 +100,21 @@ def test_edit_speed_quick(capsys, one_thread):
     rows = load("edit_speed").main(["--quick", "--device", "cpu"])
     assert len(rows) == 1 and rows[0]["ours_s"] > 0 and rows[0]["diffusers_s"] > 0
     assert "speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_composition_ablation_quick(capsys, tmp_path):
+    results = load("composition_ablation").main(
+        ["--quick", "--out", str(tmp_path), "--variants", "base,all", "--seeds", "0,1"]
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "| variant | steps | overall | colour |" in out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ba")]
+    rows += [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| all")]
+    assert [r[0] for r in rows] == ["base", "all"] and all(r[1] == "2" for r in rows)
+    assert re.fullmatch(r"\d\.\d{3} ± \d\.\d{3} \([+-]\d\.\d{3}\)", rows[1][2])  # mean ± std (paired difference)
+    for runs in results.values():
+        assert [r["seed"] for r in runs] == [0, 1] and all(0 <= r["overall"] <= 1 for r in runs)
+    assert (tmp_path / "data_all" / "metadata.jsonl").is_file()  # the caption variant wrote its own world
+    mixed = Text2ImagePipeline.from_pretrained(tmp_path / "all_s0")
+    assert mixed.text_encoder.config.refiner_layers == 1 and mixed.denoiser.config.coord_channels

@@ -79,10 +79,21 @@ def add_training_command(sub: Any, name: str, help: str) -> None:
 
 
 # --------------------------------------------------------------------------- other commands
+def kind_weights(text: str) -> dict[str, float]:
+    """``single=0.4,pair=0.3`` as a dict of scene-kind weights."""
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        return {name.strip(): float(weight) for name, weight in pairs}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected kind=weight,kind=weight ..., got {text!r}") from err
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from .data.shapes import ShapesConfig, write_imagefolder
 
-    config = ShapesConfig(size=args.size, holdout=tuple(args.holdout))
+    world = {"kinds": args.kinds} if args.kinds else {}
+    world |= {"p_size": args.p_size, "p_position": args.p_position, "texture": args.texture}
+    config = ShapesConfig(size=args.size, holdout=tuple(args.holdout), **world)
     path = write_imagefolder(args.out, args.n, config, seed=args.seed)
     print(f"wrote {args.n} images and metadata.jsonl to {path}")
 
@@ -220,7 +231,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> Parser:
-    from .data.shapes import write_imagefolder
+    from .data.shapes import ShapesConfig, write_imagefolder
     from .demo import run_demo
     from .eval import evaluate_pipeline
     from .pipelines import Text2ImagePipeline
@@ -244,6 +255,12 @@ def build_parser() -> Parser:
     flag(p, "--size", type=positive_int, default=32)
     flag(p, "--seed", type=int, default=api_default(write_imagefolder, "seed"))
     flag(p, "--holdout", action="append", default=[], help="colour-shape pair never drawn, e.g. 'purple triangle'")
+    world = ShapesConfig()
+    kinds = ",".join(f"{k}={v:g}" for k, v in world.kinds.items())
+    flag(p, "--kinds", type=kind_weights, default=None, help=f"scene kinds and their weights (default {kinds})")
+    flag(p, "--p-size", type=float, default=world.p_size, help="chance a single object's caption names its size")
+    flag(p, "--p-position", type=float, default=world.p_position, help="... and its position")
+    flag(p, "--texture", type=float, default=world.texture, help="background noise std in 0-255 units (0: plain)")
     p.set_defaults(func=cmd_data)
 
     add_training_command(sub, "train-vae", "train the KL autoencoder and measure its latent scaling")

@@ -272,27 +272,12 @@ def resolve(
     out = {}
     for section, cls in sections.items():
         names = {f.name for f in dataclasses.fields(cls)}
-        values = config.get(section) or {}
-        if not isinstance(values, Mapping):
+        given = config.get(section) or {}
+        if not isinstance(given, Mapping):
             raise OptionError(f"section {section!r} must be a mapping")
-        values = merge((defaults or {}).get(section, {}), checked_values(cls, values, section))
-        values = merge(to_plain_nested(values), {k: v for k, v in flags.items() if k in names})
+        values = merge(merge((defaults or {}).get(section, {}), given), {k: v for k, v in flags.items() if k in names})
         missing = [f.name for f in dataclasses.fields(cls) if default_of(f) is MISSING and f.name not in values]
         if missing:
             raise OptionError(f"--{missing[0].replace('_', '-')} is required (on the command line or in --config)")
-        types_ = field_types(cls)
-        built = {}
-        for k, v in values.items():
-            if _is_dataclass_type(types_[k]):
-                v = from_mapping(types_[k], merge(to_plain(default_instance(types_[k])), v), f"{section}.{k}")
-            built[k] = v
-        out[section] = cls(**built)
+        out[section] = from_mapping(cls, values, section)  # nested sections keep the defaults they are not given
     return out
-
-
-def to_plain_nested(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: to_plain(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
-
-
-def default_instance(cls: type) -> Any:
-    return cls()

@@ -140,8 +140,9 @@ def build_vae(size: str, downsample: int, latent_channels: int = 4) -> Autoencod
     return AutoencoderKL(VAEConfig(block_channels=chans, norm_groups=groups, latent_channels=latent_channels, **spec))
 
 
-def build_text_encoder(tokenizer: Tokenizer, width: int, layers: int, heads: int) -> TextEncoder:
-    """A CLIP-style text encoder for ``tokenizer``'s vocabulary and length."""
+def build_text_encoder(tokenizer: Tokenizer, width: int, layers: int, heads: int, **options: Any) -> TextEncoder:
+    """A CLIP-style text encoder for ``tokenizer``'s vocabulary and length; ``options`` are further config fields
+    (``refiner_layers``, ``layer_mix``, ``mask_padding``)."""
     return TextEncoder(
         TextEncoderConfig(
             vocab_size=tokenizer.vocab_size,
@@ -151,6 +152,7 @@ def build_text_encoder(tokenizer: Tokenizer, width: int, layers: int, heads: int
             heads=heads,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **options,
         )
     )
 

@@ -127,8 +127,9 @@ class SelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = Mlp(width, mlp_ratio)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), causal=self.causal)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: (B, N) bool, True = a token others may attend to (bidirectional blocks only)."""
+        x = x + self.attn(self.norm1(x), mask=mask, causal=self.causal)
         return x + self.mlp(self.norm2(x))
 
 

@@ -1,4 +1,10 @@
-"""CLIP-style text encoder: causal pre-LN transformer over token ids, token states plus a pooled state."""
+"""CLIP-style text encoder: causal pre-LN transformer over token ids, token states plus a pooled state.
+
+Options for captions whose words must be bound to each other (an attribute to its noun): ``refiner_layers``
+bidirectional blocks on top of the causal ones, so that every token state also sees the words after it;
+``layer_mix``, token states that mix every block's output with learned weights instead of the last one; and
+``mask_padding``, which reports the real tokens so that the denoiser's cross-attention ignores the padding.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +30,19 @@ class TextEncoderConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     projection_dim: int | None = None
+    refiner_layers: int = 0
+    layer_mix: bool = False
+    mask_padding: bool = False
 
 
 @dataclass
 class TextEncoderOutput:
-    """``hidden_states``: (B, L, width) after the final norm; ``pooled``: (B, pooled_dim)."""
+    """``hidden_states``: (B, L, width) after the final norm; ``pooled``: (B, pooled_dim); ``mask``: (B, L) bool,
+    True for the real tokens (up to the first eos), when the encoder asks for padding to be ignored (else None)."""
 
     hidden_states: torch.Tensor
     pooled: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 class TextEncoder(nn.Module, Configurable):
@@ -39,7 +50,8 @@ class TextEncoder(nn.Module, Configurable):
 
     The pooled state is the final state at each row's first ``eos_token_id`` (the last position
     when a row has none), optionally projected to ``projection_dim``. Because attention is causal,
-    nothing after that eos (padding included) changes the pooled state or any earlier token state.
+    nothing after that eos (padding included) changes the pooled state or any earlier token state;
+    the bidirectional refiner blocks attend to the real tokens only, so that stays true with them.
     """
 
     config_class = TextEncoderConfig
@@ -52,6 +64,11 @@ class TextEncoder(nn.Module, Configurable):
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(config.width, config.heads, config.mlp_ratio, causal=True) for _ in range(config.layers)
         )
+        self.refiner = nn.ModuleList(
+            SelfAttentionBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.refiner_layers)
+        )
+        depth = config.layers + config.refiner_layers
+        self.layer_weights = nn.Parameter(torch.zeros(depth)) if config.layer_mix else None
         self.final_norm = nn.LayerNorm(config.width)
         self.projection = nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None
         self.initialize_weights()
@@ -84,11 +101,21 @@ class TextEncoder(nn.Module, Configurable):
         length = input_ids.shape[1]
         if length > self.config.max_length:
             raise ValueError(f"sequence length {length} exceeds max_length {self.config.max_length}")
+        eos = self.eos_positions(input_ids)
+        real = torch.arange(length, device=input_ids.device)[None] <= eos[:, None]  # up to the first eos
         x = self.token_embedding(input_ids) + self.position_embedding[:length]
+        outputs = []
         for block in self.blocks:
             x = block(x)
+            outputs.append(x)
+        for block in self.refiner:
+            x = block(x, mask=real)
+            outputs.append(x)
+        if self.layer_weights is not None:
+            weights = self.layer_weights.softmax(0)
+            x = sum(w * out for w, out in zip(weights, outputs))
         hidden = self.final_norm(x)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.eos_positions(input_ids)]
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
         if self.projection is not None:
             pooled = self.projection(pooled)
-        return TextEncoderOutput(hidden_states=hidden, pooled=pooled)
+        return TextEncoderOutput(hidden_states=hidden, pooled=pooled, mask=real if self.config.mask_padding else None)

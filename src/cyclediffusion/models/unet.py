@@ -49,6 +49,7 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     transformer_depth: int = 1
+    coord_channels: bool = False  # two input channels with each cell's (y, x) in [-1, 1]: absolute position
 
     def __post_init__(self) -> None:
         if len(self.attention_levels) != len(self.block_channels):
@@ -122,6 +123,14 @@ class UNetBlock(nn.Module):
         return h
 
 
+def with_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) with two channels appended: each cell's row and column, from -1 to 1 (CoordConv)."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
+    return torch.cat([x, torch.stack([ys, xs]).expand(b, 2, h, w)], dim=1)
+
+
 class UNet(nn.Module, Configurable, ConfigDenoiser):
     """Text-conditioned U-Net mapping noisy latents (B, C, H, W) to a prediction of the same size.
 
@@ -138,7 +147,7 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
         emb_dim = 4 * chans[0]
         self.time_embed = TimestepEmbedder(emb_dim)
         self.pooled_proj = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + (2 if cfg.coord_channels else 0), chans[0], 3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout)
@@ -202,7 +211,7 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
                 raise ValueError("this UNet has pooled_dim set: pass the pooled text embedding")
             emb = emb + self.pooled_proj(pooled.to(emb.dtype))
 
-        h = self.conv_in(x)
+        h = self.conv_in(with_coordinates(x) if self.config.coord_channels else x)
         skips = [h]
         for block in self.down:
             h = block(h, emb, context, context_mask)

@@ -31,14 +31,17 @@ class ImagePipelineOutput:
 
 @dataclass
 class PromptEmbeds:
-    """Encoded prompts: per-token states for cross-attention and the pooled vector."""
+    """Encoded prompts: per-token states for cross-attention, the pooled vector, and the real tokens (None: attend
+    to every position)."""
 
     context: torch.Tensor
     pooled: torch.Tensor
+    mask: torch.Tensor | None = None
 
     def repeat(self, n: int) -> PromptEmbeds:
         """Each prompt ``n`` times in a row (for ``num_images_per_prompt``)."""
-        return PromptEmbeds(self.context.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+        mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
+        return PromptEmbeds(self.context.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0), mask)
 
 
 @dataclass
@@ -165,7 +168,7 @@ class DiffusionPipeline:
         """Token states and pooled vectors of the prompts."""
         ids = self.tokenizer(prompts).input_ids.to(self.device)
         out = self.text_encoder(ids)
-        return PromptEmbeds(out.hidden_states, out.pooled)
+        return PromptEmbeds(out.hidden_states, out.pooled, out.mask)
 
     def prompt_guidance(
         self,
@@ -205,7 +208,9 @@ class DiffusionPipeline:
         t_in = torch.cat([t] * len(parts))
         context = torch.cat([e.context for _, e in parts]).to(dtype)
         pooled = torch.cat([e.pooled for _, e in parts]).to(dtype) if use_pooled else None
-        out = list(denoiser(x_in, t_in, context, pooled).float().split([x.shape[0] for x, _ in parts]))
+        masks = [e.mask for _, e in parts]
+        mask = None if any(m is None for m in masks) else torch.cat(masks)
+        out = list(denoiser(x_in, t_in, context, pooled, mask).float().split([x.shape[0] for x, _ in parts]))
         predictions = []
         for g in guidances:
             if g.guided:

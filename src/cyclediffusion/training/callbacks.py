@@ -235,8 +235,9 @@ def clock(seconds: float) -> str:
 
 
 class RunProgressBar(TQDMProgressBar):
-    """The training bar measured against the run's length: steps done of ``steps``, or, for a run with only a
-    time budget, seconds elapsed of ``minutes`` (with the steps done beside them), never Lightning's epochs."""
+    """The training bar measured against the run's length, never Lightning's epochs: seconds elapsed of the
+    ``minutes`` budget when there is one (with the steps done beside them, and ``steps`` as a cap), else steps
+    done of ``steps``. Its remaining time is then the budget's, not a guess from the step cap."""
 
     def __init__(self, steps: int | None, minutes: float | None) -> None:
         super().__init__()
@@ -257,13 +258,13 @@ class RunProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         bar = self.train_progress_bar
-        if self.steps:
+        if self.budget:
+            bar.reset(total=int(self.budget))
+            bar.unit = "s"
+        else:
             bar.reset(total=self.steps)
             bar.n = trainer.global_step
             bar.unit = "step"
-        else:
-            bar.reset(total=int(self.budget))
-            bar.unit = "s"
         bar.set_description("train")
         self.show(trainer, None)
 
@@ -274,11 +275,10 @@ class RunProgressBar(TQDMProgressBar):
     def show(self, trainer: L.Trainer, pl_module: L.LightningModule | None) -> None:
         bar = self.train_progress_bar
         elapsed = self.elapsed(trainer)
-        bar.n = trainer.global_step if self.steps else min(int(elapsed), bar.total)
+        bar.n = min(int(elapsed), bar.total) if self.budget else trainer.global_step
         postfix = self.get_metrics(trainer, pl_module) if pl_module is not None else {}
         postfix.pop("v_num", None)
-        if not self.steps:
-            postfix = {"step": trainer.global_step, **postfix}
         if self.budget:
-            postfix["time"] = f"{clock(elapsed)} of {clock(self.budget)}"
+            steps = f"{trainer.global_step}" + (f"/{self.steps}" if self.steps else "")
+            postfix = {"step": steps, **postfix, "time": f"{clock(elapsed)} of {clock(self.budget)}"}
         bar.set_postfix(postfix, refresh=True)

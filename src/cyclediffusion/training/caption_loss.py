@@ -64,7 +64,7 @@ class CycleLoss:
         else:
             process, x0, t = module.noise_process, x0[index], t[index]
             x_t = process.add_noise(x0, noise[index], t)
-            prediction = module.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled)
+            prediction = module.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled, text.mask)
             x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
         pixels = x0_hat if module.vae is None else module.vae.decode_latents(x0_hat)
         per_caption = self.captioner.loss(pixels, texts, reduction="none")
@@ -77,7 +77,7 @@ class CycleLoss:
         head, tail = grid[:-k], grid[-k:]
 
         def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return module.denoiser(x, s, text.hidden_states, text.pooled).float()
+            return module.denoiser(x, s, text.hidden_states, text.pooled, text.mask).float()
 
         with torch.no_grad():
             x = process.denoise(model_fn, noise, head)

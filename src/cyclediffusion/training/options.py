@@ -163,6 +163,10 @@ class ModelOptions:
     text_width: int = option(128, "text encoder width", parse=positive_int, aliases=("text_emb_dim",))
     text_layers: int = option(2, "text encoder layers", parse=positive_int)
     text_heads: int = option(4, "text encoder attention heads", parse=positive_int)
+    text_refiner_layers: int = option(0, "bidirectional text blocks on top of the causal ones (each word sees all)")
+    text_layer_mix: bool = option(False, "token states mix every text block's output with learned weights")
+    mask_padding: bool = option(False, "cross-attention ignores the caption's padding tokens")
+    coord_channels: bool = option(False, "U-Net: two input channels with each cell's (y, x), for absolute position")
     vocab_size: int = option(1024, "BPE vocabulary trained on the captions", parse=positive_int)
     max_length: int | None = option(None, "token length (none: fit the captions)", parse=positive_int)
     guidance_scale: float = option(DEFAULT_GUIDANCE, "guidance the exported model samples with by default")
@@ -187,7 +191,15 @@ class ModelOptions:
         channels, side = self.latent_shape(vae, image_size)
         arch = {"in_channels": channels, "sample_size": side, "context_dim": self.text_width, **self.architecture()}
         return {
-            "text_encoder": build_text_encoder(tokenizer, self.text_width, self.text_layers, self.text_heads),
+            "text_encoder": build_text_encoder(
+                tokenizer,
+                self.text_width,
+                self.text_layers,
+                self.text_heads,
+                refiner_layers=self.text_refiner_layers,
+                layer_mix=self.text_layer_mix,
+                mask_padding=self.mask_padding,
+            ),
             "denoiser": build_denoiser(self.backbone, self.model_size, **arch),
             "noise_process": build_noise_process(self.scheduler, **self.noise_options()),
         }
@@ -223,7 +235,10 @@ class ModelOptions:
         given_dit = {k: v for k, v in dit.items() if v is not None}
         if self.backbone == "unet" and given_dit:
             raise ValueError(f"--dit-{next(iter(given_dit)).replace('_', '-')} is an option of --backbone dit")
-        return {"base_channels": self.unet_base_channels, **given_dit}
+        if self.backbone == "dit" and self.coord_channels:
+            raise ValueError("--coord-channels is a U-Net option (the DiT's position embeddings are absolute)")
+        unet = {"coord_channels": True} if self.coord_channels else {}
+        return {"base_channels": self.unet_base_channels, **given_dit, **unet}
 
 
 @dataclass

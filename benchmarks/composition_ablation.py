@@ -1,0 +1,160 @@
+"""Composition ablation: which text conditioning, position signal and caption mix make the demo's model bind
+colours to objects, count and place things, at equal training time.
+
+    python benchmarks/composition_ablation.py --demo runs/demo --minutes 5 --seeds 0,1            # the screen
+    python benchmarks/composition_ablation.py --demo runs/demo --minutes 10 --seeds 0,1,2 --variants base,text
+    python benchmarks/composition_ablation.py --quick                                            # seconds, tiny
+
+Every run is ``cyclediffusion train`` with the demo's recipe (flow matching, logit-normal times, "small" U-Net,
+batch 64, lr 1e-3, EMA 0.999) on the data and VAE of a finished ``cyclediffusion demo`` (``--demo``), for
+``--minutes`` of training from scratch, then ShapesEval (``cyclediffusion eval``: 20 prompts per category,
+``--samples-per-prompt``, 25 steps, the model's guidance, sampling seed = the training seed). A variant changes
+model options, or the caption world (a new dataset of the same size from the same renderer, encoded by the same
+VAE). The table gives each category's mean ± std over the seeds and the paired difference to ``base``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from common import machine_line, training_device, versions_line
+
+from cyclediffusion.data.shapes import write_imagefolder
+from cyclediffusion.demo import DEMO_WORLD, IMAGE_SIZE, demo_model
+from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
+from cyclediffusion.pipelines import Text2ImagePipeline
+from cyclediffusion.training import DataOptions, RunOptions, VAEOptions, train_text2image, train_vae
+
+# name -> (model option overrides, caption-world overrides)
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "base": ({}, {}),
+    "mask": ({"mask_padding": True}, {}),
+    "text": ({"mask_padding": True, "text_refiner_layers": 1}, {}),
+    "mix": ({"mask_padding": True, "text_refiner_layers": 1, "text_layer_mix": True}, {}),
+    "coord": ({"coord_channels": True}, {}),
+    "attn8": ({"model_size": "medium"}, {}),
+    "captions": ({}, {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}),
+    "all": (
+        {"mask_padding": True, "text_refiner_layers": 1, "coord_channels": True},
+        {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8},
+    ),
+}
+
+
+def world_data(root: Path, name: str, world: dict, n: int) -> Path:
+    """The caption world of a variant, written once under ``root`` (the demo's own data when unchanged)."""
+    if not world:
+        return root / "data"
+    folder = root / f"data_{name}"
+    if not (folder / "metadata.jsonl").is_file():
+        write_imagefolder(folder, n, dataclasses.replace(DEMO_WORLD, **world), seed=0, num_workers=2, overwrite=True)
+    return folder
+
+
+def quick_demo(folder: Path) -> Path:
+    """``--quick``: a tiny stand-in for a demo folder (400 images, a VAE trained for a few steps)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    data = write_imagefolder(folder / "data", 400, DEMO_WORLD, seed=0)
+    run = RunOptions(out=str(folder / "vae"), steps=3, batch_size=16, warmup=1, ema_decay=None, progress=False)
+    train_vae(DataOptions(data=str(data), image_size=IMAGE_SIZE), run, VAEOptions(size="tiny", downsample=4))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", default="runs/demo", help="a finished demo run: its data/ and vae/ are reused")
+    parser.add_argument("--out", default="runs/composition_ablation", help="runs, data variants and the JSON")
+    parser.add_argument("--variants", default="base,text,coord,captions", help=f"from {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated training (and sampling) seeds")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training budget of every run")
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--per-kind", type=int, default=20, help="prompts per ShapesEval category")
+    parser.add_argument("--quick", action="store_true", help="a tiny world and a few steps (for the tests)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    names = args.variants.split(",")
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    demo = quick_demo(out / "demo") if args.quick else Path(args.demo)
+    n = sum(1 for _ in (demo / "data" / "metadata.jsonl").open())
+    device, precision = training_device()
+    suite = build_suite(per_kind=2 if args.quick else args.per_kind, held_out=())
+    length = {"steps": 2} if args.quick else {"minutes": args.minutes, "steps": 100_000}
+    results: dict[str, list[dict]] = {}
+    caches: dict[Path, Path] = {}  # data folder -> a run whose latent cache (same VAE) can be copied
+    for name in names:
+        model_options, world = VARIANTS[name]
+        data = world_data(out, name, world, n)
+        for seed in seeds:
+            run = out / f"{name}_s{seed}"
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir(parents=True)
+            for file in ("latents.safetensors", "latents.json") if data in caches else ():
+                shutil.copy(caches[data] / file, run / file)  # checked against the VAE and data, re-encoded if stale
+            model = dataclasses.replace(demo_model(demo / "vae"), **model_options)
+            if args.quick:
+                model = dataclasses.replace(model, model_size="tiny", text_width=32, text_layers=1)
+            options = RunOptions(
+                out=str(run), **length, batch_size=16 if args.quick else 64, warmup=100, precision=precision,
+                seed=seed, checkpoint_every=10**9, resume=False, progress=False,
+            )  # fmt: skip
+            data_options = DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True)
+            model_dir = train_text2image(data_options, options, model)
+            caches.setdefault(data, run)
+            steps = json.loads((run / "logs" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+            t0 = time.perf_counter()
+            pipe = Text2ImagePipeline.from_pretrained(model_dir, device=device)
+            report = evaluate_pipeline(
+                pipe, suite, samples_per_prompt=1 if args.quick else args.samples_per_prompt,
+                num_inference_steps=25, seed=seed, progress=False,
+            )  # fmt: skip
+            results.setdefault(name, []).append(
+                {
+                    "seed": seed,
+                    "steps": steps,
+                    "eval_seconds": time.perf_counter() - t0,
+                    "overall": report.overall,
+                    **report.accuracy,
+                }  # fmt: skip
+            )
+    print(machine_line(device))
+    print(versions_line())
+    print(f"{args.minutes:g} min of training per run, seeds {args.seeds}, {args.samples_per_prompt} samples/prompt\n")
+    print(table(results, [c for c in CATEGORIES if c in results[names[0]][0]]))
+    (out / "composition_ablation.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "composition_ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def table(results: dict[str, list[dict]], categories: list[str]) -> str:
+    """Mean ± std per category, and the paired difference to ``base`` (same seeds) where it was run."""
+    columns = ["steps", "overall", *categories]
+
+    def cell(rows: list[dict], key: str, base: list[dict] | None) -> str:
+        values = [r[key] for r in rows]
+        text = f"{statistics.mean(values):.0f}" if key == "steps" else f"{statistics.mean(values):.3f}"
+        if len(values) > 1 and key != "steps":
+            text += f" ± {statistics.stdev(values):.3f}"
+        if base is not None and key != "steps":
+            by_seed = {r["seed"]: r[key] for r in base}
+            diffs = [r[key] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
+            text += f" ({statistics.mean(diffs):+.3f})" if diffs else ""
+        return text
+
+    lines = ["| variant | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for name, rows in results.items():
+        base = results.get("base") if name != "base" else None
+        lines.append(f"| {name} | " + " | ".join(cell(rows, c, base) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Text conditioning that can bind, and absolute position: padding masks, refiner layers, layer mixes and
+coordinate channels, in the models, the pipelines and training (U-Net and DiT, DDPM and flow, DDP)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cycle import randomise_zeros
+from test_training import TINY_FLAGS, cli, final_weights, metrics, run_cli, write_folder
+
+from cyclediffusion import Text2ImagePipeline, TextEncoder, TextEncoderConfig
+from cyclediffusion.models.unet import with_coordinates
+from cyclediffusion.training.options import ModelOptions
+
+from helpers import tiny_denoiser, tiny_tokenizer
+
+
+def encoder(**options) -> TextEncoder:
+    torch.manual_seed(0)
+    return TextEncoder(TextEncoderConfig(vocab_size=50, max_length=8, width=32, layers=2, heads=2, **options)).eval()
+
+
+IDS = torch.tensor([[1, 5, 6, 7, 2, 0, 0, 0]])  # bos, three words, eos, padding
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_padding_mask_changes_nothing_without_padding_and_removes_its_influence(backbone):
+    torch.manual_seed(0)
+    net = tiny_denoiser(backbone, 3, 8).eval()
+    randomise_zeros(net)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    context, pooled = torch.randn(2, 6, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        plain = net(x, t, context, pooled)
+        all_real = net(x, t, context, pooled, torch.ones(2, 6, dtype=torch.bool))
+        torch.testing.assert_close(all_real, plain, atol=1e-6, rtol=1e-5)
+        mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 3 + [False] * 3])
+        other = context.clone()
+        other[0, 4:], other[1, 3:] = torch.randn(2, 32), torch.randn(3, 32)  # new padding states
+        torch.testing.assert_close(net(x, t, other, pooled, mask), net(x, t, context, pooled, mask))
+        assert not torch.allclose(net(x, t, other, pooled), plain)  # unmasked, the padding does matter
+
+
+def test_refiner_layers_let_a_word_see_the_words_after_it_but_never_the_padding():
+    later = IDS.clone()
+    later[0, 3] = 9  # change the third word
+    padded = IDS.clone()
+    padded[0, 6] = 11  # change a padding token
+    for refiner, sees_later in ((0, False), (1, True)):
+        enc = encoder(refiner_layers=refiner)
+        with torch.no_grad():
+            a, b, c = enc(IDS), enc(later), enc(padded)
+        assert torch.allclose(a.hidden_states[0, 1], b.hidden_states[0, 1]) != sees_later  # the first word
+        torch.testing.assert_close(c.hidden_states[0, :5], a.hidden_states[0, :5])  # real tokens ignore padding
+        torch.testing.assert_close(c.pooled, a.pooled)
+
+
+def test_layer_mix_learns_a_weight_per_block_and_mask_padding_reports_the_real_tokens():
+    enc = encoder(layer_mix=True, refiner_layers=1, mask_padding=True)
+    assert enc.layer_weights.shape == (3,)
+    out = enc(IDS)
+    out.hidden_states.square().sum().backward()
+    assert enc.layer_weights.grad is not None and enc.layer_weights.grad.abs().sum() > 0
+    assert out.mask.tolist() == [[True] * 5 + [False] * 3]
+    assert encoder().forward(IDS).mask is None  # off by default: old models attend to every position
+    with torch.no_grad():  # a mix that puts all its weight on the last block is the plain encoder
+        enc.layer_weights.copy_(torch.tensor([-1e9, -1e9, 0.0]))
+        plain = encoder(refiner_layers=1)
+        plain.load_state_dict({k: v for k, v in enc.state_dict().items() if k != "layer_weights"})
+        torch.testing.assert_close(enc(IDS).hidden_states, plain(IDS).hidden_states)
+
+
+def test_coordinate_channels_hold_each_cells_row_and_column():
+    x = torch.zeros(2, 4, 3, 5)
+    out = with_coordinates(x)
+    assert out.shape == (2, 6, 3, 5) and torch.equal(out[:, :4], x)
+    assert out[0, 4, 0, 0] == -1 and out[0, 4, 2, 0] == 1 and torch.equal(out[0, 4, :, 0], out[0, 4, :, 4])  # rows
+    assert out[0, 5, 0, 0] == -1 and out[0, 5, 0, 4] == 1 and torch.equal(out[1, 5, 0], out[1, 5, 2])  # columns
+    tok = tiny_tokenizer()
+    net = ModelOptions(model_size="tiny", coord_channels=True).build(tok, None, 8)["denoiser"]
+    assert net.conv_in.in_channels == 5 and net.in_channels == 3
+    randomise_zeros(net)
+    image = torch.zeros(1, 3, 8, 8)
+    with torch.no_grad():  # the same flat input gets a position-dependent prediction
+        out = net(image, torch.tensor([500.0]), torch.zeros(1, 4, 128), torch.zeros(1, 128))
+    assert not torch.allclose(out[..., 1:3, 1:3], out[..., 5:7, 5:7])
+    with pytest.raises(ValueError, match="U-Net option"):
+        ModelOptions(backbone="dit", coord_channels=True).build(tok, None, 8)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_pipelines_pass_the_padding_mask_to_every_branch(backbone):
+    tok = tiny_tokenizer()
+    parts = ModelOptions(backbone=backbone, model_size="tiny", text_width=32, mask_padding=True, text_refiner_layers=1)
+    pipe = Text2ImagePipeline(tok, vae=None, **parts.build(tok, None, 8)).eval()
+    seen = []
+    forward = pipe.denoiser.forward
+    pipe.denoiser.forward = lambda *a: seen.append(a[4]) or forward(*a)
+    pipe(["a red square", "two yellow circles"], num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2)
+    mask = seen[0]
+    lengths = tok(["", "a red square", "two yellow circles"]).attention_mask.sum(1)
+    assert mask.shape == (8, tok.max_length)  # uncond and cond rows of 2 prompts x 2 images
+    assert mask.sum(1).tolist() == [lengths[0]] * 4 + [lengths[1]] * 2 + [lengths[2]] * 2
+
+
+def test_loss_is_logged_per_tenth_of_the_noise_scale(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "data", n=8)
+    args = ["train", "--data", str(data), "--out", "run", "--steps", "3", "--batch-size", "8", *TINY_FLAGS]
+    assert run_cli(*args, "--no-progress", cwd=tmp_path, monkeypatch=monkeypatch) == 0
+    bins = {k for row in metrics(tmp_path / "run") for k in row if k.startswith("loss_by_noise/")}
+    assert bins <= {f"loss_by_noise/bin{i}" for i in range(10)} and len(bins) > 4
+
+
+def test_conditioning_options_train_the_dit_with_flow_under_ddp_as_in_one_process(tmp_path):
+    data = write_folder(tmp_path / "data")
+    new = ["--mask-padding", "--text-refiner-layers", "1", "--text-layer-mix"]
+    common = ["--data", str(data), "--steps", "1", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0", *new]
+    common += ["--backbone", "dit", "--scheduler", "flow"]
+    cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
+    cli("train", "--out", "ddp", "--batch-size", "4", "--devices", "2", "--strategy", "ddp", *common, cwd=tmp_path)
+    single = float(metrics(tmp_path / "single")[0]["train/loss"])
+    assert abs(single - float(metrics(tmp_path / "ddp")[0]["train/loss"])) < 1e-5
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    assert any("layer_weights" in k for k in a) and any("refiner" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    pipe = Text2ImagePipeline.from_pretrained(tmp_path / "single")
+    assert pipe.text_encoder.config.mask_padding and pipe.text_encoder.config.refiner_layers == 1
+
+
+def test_coordinate_channels_train_the_unet_with_ddpm(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "data", n=4)
+    args = ["train", "--data", str(data), "--out", "run", "--steps", "2", "--batch-size", "4", *TINY_FLAGS]
+    assert (
+        run_cli(*args, "--coord-channels", "--mask-padding", "--no-progress", cwd=tmp_path, monkeypatch=monkeypatch)
+        == 0
+    )
+    pipe = Text2ImagePipeline.from_pretrained(tmp_path / "run")
+    assert pipe.denoiser.config.coord_channels and pipe("a red square", num_inference_steps=2).images[0].size == (
+        16,
+        16,
+    )
