@@ -47,10 +47,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def world_data(root: Path, name: str, world: dict, n: int) -> Path:
+def world_data(demo: Path, root: Path, name: str, world: dict, n: int) -> Path:
     """The caption world of a variant, written once under ``root`` (the demo's own data when unchanged)."""
     if not world:
-        return root / "data"
+        return demo / "data"
     folder = root / f"data_{name}"
     if not (folder / "metadata.jsonl").is_file():
         write_imagefolder(folder, n, dataclasses.replace(DEMO_WORLD, **world), seed=0, num_workers=2, overwrite=True)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     caches: dict[Path, Path] = {}  # data folder -> a run whose latent cache (same VAE) can be copied
     for name in names:
         model_options, world = VARIANTS[name]
-        data = world_data(out, name, world, n)
+        data = world_data(demo, out, name, world, n)
         for seed in seeds:
             run = out / f"{name}_s{seed}"
             shutil.rmtree(run, ignore_errors=True)
