@@ -184,6 +184,12 @@ class ModelOptions:
             raise ValueError("the --cycle-* options need --captioner")
         if self.num_train_timesteps is not None and self.scheduler != "ddpm":
             raise ValueError("--num-train-timesteps is an option of --scheduler ddpm")
+        given_dit = list(self.dit_fields())
+        if self.backbone == "unet" and given_dit:
+            raise ValueError(f"--dit-{given_dit[0].replace('_', '-')} is an option of --backbone dit")
+        if self.backbone == "dit" and (self.coord_channels or self.unet_base_channels):
+            raise ValueError("--coord-channels and --unet-base-channels are U-Net options (the DiT's position "
+                             "embeddings are absolute; its width is --dit-hidden-size)")  # fmt: skip
 
     def build(self, tokenizer: Tokenizer, vae: AutoencoderKL | None, image_size: int) -> dict[str, Any]:
         """A fresh ``text_encoder``, ``denoiser`` and ``noise_process`` of these options for ``tokenizer`` and the
@@ -228,17 +234,16 @@ class ModelOptions:
             "num_train_timesteps": self.num_train_timesteps,
         }
 
+    def dit_fields(self) -> dict[str, int]:
+        """The DiT config fields given one by one (``dit_depth`` -> ``depth``)."""
+        dit = {"hidden_size": self.dit_hidden_size, "depth": self.dit_depth, "num_heads": self.dit_num_heads}
+        return {k: v for k, v in {**dit, "patch_size": self.dit_patch_size}.items() if v is not None}
+
     def architecture(self) -> dict[str, object]:
         """The fields set on top of ``model_size`` (see :func:`~cyclediffusion.recipes.build_denoiser`)."""
-        dit = {"hidden_size": self.dit_hidden_size, "depth": self.dit_depth, "num_heads": self.dit_num_heads}
-        dit["patch_size"] = self.dit_patch_size
-        given_dit = {k: v for k, v in dit.items() if v is not None}
-        if self.backbone == "unet" and given_dit:
-            raise ValueError(f"--dit-{next(iter(given_dit)).replace('_', '-')} is an option of --backbone dit")
-        if self.backbone == "dit" and self.coord_channels:
-            raise ValueError("--coord-channels is a U-Net option (the DiT's position embeddings are absolute)")
-        unet = {"coord_channels": True} if self.coord_channels else {}
-        return {"base_channels": self.unet_base_channels, **given_dit, **unet}
+        if self.backbone == "dit":
+            return self.dit_fields()
+        return {"base_channels": self.unet_base_channels, **({"coord_channels": True} if self.coord_channels else {})}
 
 
 @dataclass
