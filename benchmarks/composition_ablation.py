@@ -31,19 +31,21 @@ from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
 from cyclediffusion.training import DataOptions, RunOptions, VAEOptions, train_text2image, train_vae
 
-# name -> (model option overrides, caption-world overrides)
-VARIANTS: dict[str, tuple[dict, dict]] = {
-    "base": ({}, {}),
-    "mask": ({"mask_padding": True}, {}),
-    "text": ({"mask_padding": True, "text_refiner_layers": 1}, {}),
-    "mix": ({"mask_padding": True, "text_refiner_layers": 1, "text_layer_mix": True}, {}),
-    "coord": ({"coord_channels": True}, {}),
-    "attn8": ({"model_size": "medium"}, {}),
-    "captions": ({}, {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}),
-    "all": (
-        {"mask_padding": True, "text_refiner_layers": 1, "coord_channels": True},
-        {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8},
-    ),
+CAPTIONS = {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}
+# name -> (model option overrides, caption-world overrides, run option overrides)
+VARIANTS: dict[str, tuple[dict, dict, dict]] = {
+    "base": ({}, {}, {}),
+    "mask": ({"mask_padding": True}, {}, {}),
+    "text": ({"mask_padding": True, "text_refiner_layers": 1}, {}, {}),
+    "mix": ({"mask_padding": True, "text_refiner_layers": 1, "text_layer_mix": True}, {}, {}),
+    "coord": ({"coord_channels": True}, {}, {}),
+    "attn8": ({"model_size": "medium"}, {}, {}),
+    "captions": ({}, CAPTIONS, {}),
+    "paraphrase": ({}, {**CAPTIONS, "p_size": 0.8, "p_paraphrase": 0.5}, {}),
+    "fast": ({}, {}, {"lr": 2e-3, "lr_schedule": "cosine"}),
+    "cosine": ({}, {}, {"lr_schedule": "cosine"}),
+    "immiscible": ({"immiscible_noise": True}, {}, {}),
+    "all": ({"mask_padding": True, "text_refiner_layers": 1, "coord_channels": True}, CAPTIONS, {}),
 }
 
 
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--per-kind", type=int, default=20, help="prompts per ShapesEval category")
     parser.add_argument("--quick", action="store_true", help="a tiny world and a few steps (for the tests)")
+    parser.add_argument("--merge", action="store_true", help="keep the other variants of an earlier JSON in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.variants.split(",")
@@ -88,10 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     device, precision = training_device()
     suite = build_suite(per_kind=2 if args.quick else args.per_kind, held_out=())
     length = {"steps": 2} if args.quick else {"minutes": args.minutes, "steps": 100_000}
-    results: dict[str, list[dict]] = {}
+    saved = out / "composition_ablation.json"
+    results: dict[str, list[dict]] = json.loads(saved.read_text()) if args.merge and saved.is_file() else {}
+    for name in names:
+        results.pop(name, None)
     caches: dict[Path, Path] = {}  # data folder -> a run whose latent cache (same VAE) can be copied
     for name in names:
-        model_options, world = VARIANTS[name]
+        model_options, world, run_options = VARIANTS[name]
         data = world_data(demo, out, name, world, n)
         for seed in seeds:
             run = out / f"{name}_s{seed}"
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                 model = dataclasses.replace(model, model_size="tiny", text_width=32, text_layers=1)
             options = RunOptions(
                 out=str(run), **length, batch_size=16 if args.quick else 64, warmup=100, precision=precision,
-                seed=seed, checkpoint_every=10**9, resume=False, progress=False,
+                seed=seed, checkpoint_every=10**9, resume=False, progress=False, **run_options,
             )  # fmt: skip
             data_options = DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True)
             model_dir = train_text2image(data_options, options, model)
@@ -125,12 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
                     **report.accuracy,
                 }  # fmt: skip
             )
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a crash loses one run
     print(machine_line(device))
     print(versions_line())
     print(f"{args.minutes:g} min of training per run, seeds {args.seeds}, {args.samples_per_prompt} samples/prompt\n")
     print(table(results, [c for c in CATEGORIES if c in results[names[0]][0]]))
-    (out / "composition_ablation.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "composition_ablation.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -7,6 +7,7 @@ import math
 import re
 
 import pytest
+import yaml
 
 from cyclediffusion import Text2ImagePipeline
 
@@ -118,3 +119,9 @@ def test_composition_ablation_quick(capsys, tmp_path):
     assert (tmp_path / "data_all" / "metadata.jsonl").is_file()  # the caption variant wrote its own world
     mixed = Text2ImagePipeline.from_pretrained(tmp_path / "all_s0")
     assert mixed.text_encoder.config.refiner_layers == 1 and mixed.denoiser.config.coord_channels
+    # --merge adds a variant to the saved table; run options reach the run
+    merged = load("composition_ablation").main(
+        ["--quick", "--out", str(tmp_path), "--variants", "fast", "--seeds", "0", "--merge"]
+    )
+    assert list(merged) == ["base", "all", "fast"] and merged["base"] == results["base"]
+    assert yaml.safe_load((tmp_path / "fast_s0" / "options.yaml").read_text())["run"]["lr_schedule"] == "cosine"

@@ -20,6 +20,7 @@ from cyclediffusion.data import (
     SIZES,
     ShapesConfig,
     caption_for,
+    converse,
     generate,
     parse_caption,
     prompt_suite,
@@ -97,15 +98,16 @@ def soft_alpha(pixels: np.ndarray, colour: str) -> np.ndarray:
     return np.where(off_line, 0.0, alpha)
 
 
-def test_captions_match_pixels():
+@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, p_paraphrase=1.0)], ids=["plain", "paraphrased"])
+def test_captions_match_pixels(config):
     """Colour at each centre, one colour component per object, shape/size/position/relations by geometry.
 
     Shape and size are read from the soft coverage around each object: its width and height are the sums of
     the column and row maxima, and area / (width * height) is 1 for a square, pi/4 for a circle, 1/2 for a
     triangle, which separates them cleanly even at 32 px.
     """
-    size = CONFIG.size
-    for image, scene in generate(300, CONFIG, seed=11):
+    size = config.size
+    for image, scene in generate(300, config, seed=11):
         pixels = np.asarray(image, dtype=float)
         per_colour = Counter(o.colour for o in scene.objects)
         found = {c: components(colour_mask(pixels, c)) for c in per_colour}
@@ -141,6 +143,23 @@ def test_captions_match_pixels():
             covered |= (np.abs((xs + 0.5) / size - obj.x) <= r) & (np.abs((ys + 0.5) / size - obj.y) <= r)
         rest = pixels[~covered]
         assert np.abs(rest - BACKGROUND).max() < 35 and np.ptp(rest, axis=-1).max() <= 1
+
+
+def test_paraphrase_says_the_same_picture_the_other_way_round():
+    plain, turned = generate(200, CONFIG, seed=5), generate(200, replace(CONFIG, p_paraphrase=1.0), seed=5)
+    said = Counter()
+    for (image_a, a), (image_b, b) in zip(plain, turned):
+        assert image_a.tobytes() == image_b.tobytes()  # the option changes words, never pixels
+        if a.kind in ("pair", "relation"):
+            assert b.prompt == converse(a.prompt) and b.objects == a.objects[::-1]
+            assert parse_caption(b.caption) == b.prompt and b.caption != a.caption
+            said[b.prompt.relation] += 1
+        else:
+            assert b == a
+    assert said[None] and all(said[r] for r in RELATIONS)
+    assert caption_for(converse(parse_caption("a red circle above a blue square"))) == "a blue square below a red circle"
+    with pytest.raises(ValueError, match="p_paraphrase"):
+        ShapesConfig(p_paraphrase=1.5)
 
 
 def test_objects_stay_inside_and_apart():

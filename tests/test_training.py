@@ -73,8 +73,67 @@ def test_lr_schedule():
     assert cos.factor(0) == pytest.approx(0.1) and cos.factor(9) == pytest.approx(1.0)
     assert cos.factor(60) == pytest.approx(0.5) and cos.factor(110) == pytest.approx(0.0, abs=1e-12)
     assert OptimConfig(warmup_steps=0).factor(10_000) == 1.0
-    with pytest.raises(ValueError, match="needs a known number of steps"):
+    with pytest.raises(ValueError, match="needs the length of the run"):
         OptimConfig(schedule="cosine")
+    timed = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", timed=True)
+    assert timed.factor(5) == pytest.approx(0.6)  # warmup is in steps
+    timed.time_fraction = 0.5
+    assert timed.factor(1000) == pytest.approx(0.5)
+    both = OptimConfig(warmup_steps=10, schedule="cosine", total_steps=110, timed=True, time_fraction=0.1)
+    assert both.factor(60) == pytest.approx(0.5)  # the steps run out first
+    both.time_fraction = 1.0
+    assert both.factor(20) == pytest.approx(0.0, abs=1e-12)  # the time does
+
+
+def test_timed_cosine_decays_the_lr_over_the_time_budget(tmp_path):
+    data = DataOptions(data=str(write_folder(tmp_path / "data")), image_size=16)
+    run = tiny_run(tmp_path / "run", steps=None, minutes=0.1, warmup=1, lr_schedule="cosine", ema_decay=None)
+    train_text2image(data, run, tiny_model())
+    lrs = [r["train/lr"] for r in metrics(tmp_path / "run")]
+    assert len(lrs) > 5 and lrs[1] == pytest.approx(1e-3, rel=0.2)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[1:], lrs[2:]))  # falls step by step after the warmup ...
+    assert lrs[-1] < 0.25e-3  # ... to near zero when the 6 s are spent
+
+
+def test_immiscible_noise_reorders_the_batch_noise_to_the_nearest_assignment(monkeypatch):
+    from itertools import permutations
+
+    from cyclediffusion.diffusion import immiscible
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 3, 2, 2, generator=g), torch.randn(5, 3, 2, 2, generator=g)
+    paired = immiscible(x0, noise)
+    cost = lambda order: float(((x0 - noise[list(order)]) ** 2).sum())  # noqa: E731
+    best = min(permutations(range(5)), key=cost)
+    torch.testing.assert_close(paired, noise[list(best)])
+    assert sorted(paired.flatten().tolist()) == sorted(noise.flatten().tolist())
+
+    # in a training step: the same draws, paired with the images they lie nearest
+    from helpers import tiny_denoiser, tiny_text_encoder, tiny_tokenizer
+
+    from cyclediffusion import create_noise_process
+    from cyclediffusion.training.modules import DiffusionModule
+
+    seen = []
+    process = create_noise_process("flow")
+    original = type(process).training_loss
+
+    def spy(self, model_fn, x0, noise, t):
+        seen.append((x0, noise))
+        return original(self, model_fn, x0, noise=noise, t=t)
+
+    monkeypatch.setattr(type(process), "training_loss", spy)
+    tokenizer = tiny_tokenizer(max_length=20)
+    batch = {"pixels": torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, "caption": ["a red square"] * 8}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        parts = (tokenizer, tiny_text_encoder(tokenizer), tiny_denoiser("unet", 3, 16), process, None, OptimConfig())
+        DiffusionModule(*parts, immiscible_noise=flag).step_losses(batch | {"step": torch.zeros(8)})
+    (x_a, plain), (x_b, paired) = seen
+    torch.testing.assert_close(x_a, x_b)
+    assert not torch.equal(plain, paired)
+    assert sorted(paired.flatten().tolist()) == sorted(plain.flatten().tolist())
+    assert ((x_b - paired) ** 2).sum() < ((x_a - plain) ** 2).sum()
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

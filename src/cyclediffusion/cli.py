@@ -92,7 +92,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     from .data.shapes import ShapesConfig, write_imagefolder
 
     world = {"kinds": args.kinds} if args.kinds else {}
-    world |= {"p_size": args.p_size, "p_position": args.p_position, "texture": args.texture}
+    world |= {"p_size": args.p_size, "p_position": args.p_position, "p_paraphrase": args.p_paraphrase}
+    world |= {"texture": args.texture}
     config = ShapesConfig(size=args.size, holdout=tuple(args.holdout), **world)
     path = write_imagefolder(args.out, args.n, config, seed=args.seed)
     print(f"wrote {args.n} images and metadata.jsonl to {path}")
@@ -260,6 +261,8 @@ def build_parser() -> Parser:
     flag(p, "--kinds", type=kind_weights, default=None, help=f"scene kinds and their weights (default {kinds})")
     flag(p, "--p-size", type=float, default=world.p_size, help="chance a single object's caption names its size")
     flag(p, "--p-position", type=float, default=world.p_position, help="... and its position")
+    flag(p, "--p-paraphrase", type=float, default=world.p_paraphrase, help="chance a pair or relation is said "
+         "the other way round ('B to the right of A')")  # fmt: skip
     flag(p, "--texture", type=float, default=world.texture, help="background noise std in 0-255 units (0: plain)")
     p.set_defaults(func=cmd_data)
 

@@ -53,6 +53,8 @@ POSITION_PHRASES: dict[str, str] = {
     "center": "in the center",
 }
 RELATIONS: tuple[str, ...] = ("above", "below", "to the left of", "to the right of")
+CONVERSE: dict[str, str] = {"above": "below", "below": "above", "to the left of": "to the right of"}
+CONVERSE["to the right of"] = "to the left of"
 KINDS: dict[str, float] = {"single": 0.5, "count": 0.15, "pair": 0.2, "relation": 0.15}
 NUMBERS: tuple[str, ...] = ("one", "two", "three")
 MARGIN = 0.02  # least distance from a bounding box to the image border
@@ -125,6 +127,7 @@ class ShapesConfig:
     max_count: int = 3
     p_size: float = 0.5  # chance that a single object's caption names its size
     p_position: float = 0.5  # ... and its position
+    p_paraphrase: float = 0.0  # chance that a pair or relation is said the other way round ("B right of A")
     holdout: tuple[str, ...] = ()  # e.g. ("purple triangle",): never drawn
     texture: float = 6.0  # std of the smooth grey background noise, in 0-255 units (0: plain)
 
@@ -140,6 +143,9 @@ class ShapesConfig:
             unknown = [v for v in values if v not in vocab]
             if unknown or not values:
                 raise ValueError(f"ShapesConfig.{name}: {unknown or 'empty'}; choose from {list(vocab)}")
+        for name in ("p_size", "p_position", "p_paraphrase"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ShapesConfig.{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not any(w > 0 for w in self.kinds.values()):
             raise ValueError("ShapesConfig.kinds needs a positive weight")
         if not 1 <= self.max_count <= len(NUMBERS):
@@ -232,6 +238,15 @@ def sample_prompt(rng: np.random.Generator, config: ShapesConfig) -> Prompt:
     raise ValueError(f"ShapesConfig allows no two distinct objects for kind {kind!r}")
 
 
+def converse(prompt: Prompt) -> Prompt:
+    """The same two-object scene named in the other order: "a red circle left of a blue square" becomes
+    "a blue square to the right of a red circle", "A and B" becomes "B and A"."""
+    if prompt.kind not in ("pair", "relation"):
+        raise ValueError(f"only pairs and relations have a converse, not {prompt.kind!r}")
+    relation = CONVERSE[prompt.relation] if prompt.relation else None
+    return replace(prompt, colours=prompt.colours[::-1], shapes=prompt.shapes[::-1], relation=relation)
+
+
 def _span(r: float) -> tuple[float, float]:
     return r + MARGIN, 1.0 - r - MARGIN
 
@@ -294,10 +309,13 @@ def layout(rng: np.random.Generator, prompt: Prompt, config: ShapesConfig) -> tu
 
 
 def sample_scene(rng: np.random.Generator, config: ShapesConfig) -> Scene:
-    """Draw one scene: a prompt, a layout that makes it true, and a background seed."""
+    """Draw one scene: a prompt, a layout that makes it true, and a background seed. With ``p_paraphrase``, a
+    pair or relation may then be said the other way round (:func:`converse`) of the same picture."""
     prompt = sample_prompt(rng, config)
     objects = layout(rng, prompt, config)
     seed = int(rng.random() * 2**31)
+    if config.p_paraphrase > 0 and prompt.kind in ("pair", "relation") and rng.random() < config.p_paraphrase:
+        prompt, objects = converse(prompt), objects[::-1]
     return Scene(objects, caption_for(prompt), prompt.kind, prompt, config.texture, seed)
 
 

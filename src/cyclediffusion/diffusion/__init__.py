@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ModelFn, TrainingLoss, randn
+from .base import ModelFn, TrainingLoss, immiscible, randn
 from .flow import FlowConfig, FlowMatching
 from .gaussian import GaussianConfig, GaussianDiffusion, canonical_prediction_type
 
@@ -30,5 +30,6 @@ __all__ = [
     "TrainingLoss",
     "canonical_prediction_type",
     "create_noise_process",
+    "immiscible",
     "randn",
 ]

@@ -275,6 +275,22 @@ def randn(
     return out
 
 
+def immiscible(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``noise`` with its rows reordered so that the batch's total squared distance to ``x0`` is least.
+
+    Immiscible diffusion (Li et al. 2024): each image is paired with a nearby draw of the batch's noise
+    instead of a random one. The noise stays a set of independent normals (only its order changes), so the
+    training target is unbiased over batches; the paths of different images cross less and training
+    converges in fewer steps. An exact linear assignment (SciPy) on the flattened rows, O(B^3): about a
+    millisecond at batch 64.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x0.detach().flatten(1).double().cpu(), noise.detach().flatten(1).double().cpu())
+    _, columns = linear_sum_assignment(cost.square().numpy())
+    return noise[torch.as_tensor(columns, device=noise.device)]
+
+
 def expand_time(t: torch.Tensor | float | int, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A scalar or (B,) time as a (B,) tensor."""
     t = torch.as_tensor(t, device=device, dtype=dtype)

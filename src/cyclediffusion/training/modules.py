@@ -19,9 +19,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from ..diffusion import NoiseProcess
-from ..diffusion.base import TrainingLoss, randn
+from ..diffusion.base import TrainingLoss, immiscible, randn
 from ..models import AutoencoderKL, Captioner, DiagonalGaussian, TextEncoder
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline, check_compatible
@@ -38,7 +39,12 @@ class NonFiniteLossError(ArithmeticError):
 
 @dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule: AdamW, linear warmup, then constant or cosine decay."""
+    """Optimiser and learning-rate schedule: AdamW, linear warmup, then constant or cosine decay.
+
+    The cosine decays over ``total_steps``, or over a time budget (``timed``): then its progress is the
+    share of the budget spent, ``time_fraction``, which the module updates before every step from
+    Lightning's timer. With both, whichever runs out first sets the pace.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -46,12 +52,14 @@ class OptimConfig:
     schedule: str = "constant"
     total_steps: int | None = None
     betas: tuple[float, float] = (0.9, 0.999)
+    timed: bool = False
+    time_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown LR schedule {self.schedule!r}; choose 'constant' or 'cosine'")
-        if self.schedule == "cosine" and not self.total_steps:
-            raise ValueError("the cosine LR schedule needs a known number of steps (--steps or --epochs)")
+        if self.schedule == "cosine" and not (self.total_steps or self.timed):
+            raise ValueError("the cosine LR schedule needs the length of the run (--steps, --epochs or --minutes)")
 
     def factor(self, step: int) -> float:
         """LR multiplier at optimiser step ``step``."""
@@ -59,8 +67,10 @@ class OptimConfig:
             return (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        progress = self.time_fraction if self.timed else 0.0
+        if self.total_steps:
+            progress = max(progress, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class Shared:
@@ -91,6 +101,15 @@ class StepModule(L.LightningModule):
                 for state in checkpoint.get("optimizer_states", []):
                     for group in state.get("param_groups", []):
                         group["initial_lr"], group["lr"] = self.optim.lr, current
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A timed cosine schedule learns how much of the budget is spent (Lightning's timer, resumes included)."""
+        if self.optim.timed and self._trainer is not None:
+            timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+            remaining = timer.time_remaining() if timer is not None else None
+            if remaining is not None:
+                elapsed = timer.time_elapsed()
+                self.optim.time_fraction = elapsed / max(elapsed + remaining, 1e-9)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradients that are not finite stop the run before they reach the weights (as a non-finite loss does).
@@ -198,7 +217,9 @@ class DiffusionModule(StepModule):
     prediction used by classifier-free guidance. With a ``captioner`` and a ``cycle`` of positive
     weight, the step adds the cycle-consistency term of :class:`~.caption_loss.CycleLoss`; the captioner, like the
     VAE, is frozen and stays out of the module tree (no optimiser, no EMA, no checkpoint, no export).
-    ``guidance_scale`` is stored with the exported pipeline as its default.
+    ``guidance_scale`` is stored with the exported pipeline as its default. ``immiscible_noise`` pairs each
+    image of the batch with a nearby noise draw (:func:`~cyclediffusion.diffusion.immiscible`); under DDP each
+    rank pairs its own rows, so that option alone makes a split run differ from a single-process one.
     """
 
     def __init__(
@@ -215,8 +236,10 @@ class DiffusionModule(StepModule):
         captioner: CaptionPipeline | None = None,
         cycle: CycleConfig | None = None,
         guidance_scale: float | None = None,
+        immiscible_noise: bool = False,
     ) -> None:
         super().__init__(optim, seed)
+        self.immiscible_noise = immiscible_noise
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.caption_dropout = caption_dropout
@@ -283,6 +306,8 @@ class DiffusionModule(StepModule):
         kept = ["" if d else c for c, d in zip(captions, drop.tolist())]
         t = self.noise_process.sample_timesteps(local * world, self.device, g)[rows]
         noise = self.draw_normal(g, x0.shape)
+        if self.immiscible_noise:
+            noise = immiscible(x0, noise)
 
         ids = self.tokenizer(kept).input_ids.to(self.device)
         text = self.text_encoder(ids)

@@ -65,7 +65,9 @@ class RunOptions:
     lr: float = option(1e-3, "peak learning rate", aliases=("learning_rate",))
     wd: float = option(0.0, "AdamW weight decay", aliases=("weight_decay",))
     warmup: int = option(100, "linear LR warmup steps")
-    lr_schedule: str = option("constant", "LR after warmup", choices=("constant", "cosine"))
+    lr_schedule: str = option(
+        "constant", "LR after warmup (cosine: to zero at the end of --steps or --minutes)", choices=("constant", "cosine")
+    )
     precision: str = option("32", "Lightning precision", choices=("32", "bf16-mixed", "16-mixed", "32-true"))
     accumulate: int = option(1, "gradient accumulation steps", parse=positive_int)
     grad_clip: float | None = option(1.0, "gradient norm clip (0: off)")
@@ -160,6 +162,7 @@ class ModelOptions:
     vae: str | None = option(None, "trained VAE (run folder or model folder); pixel space without it")
     latent_channels: int | None = option(None, "latent channels the VAE must have (checked)", aliases=("latent_dim",))
     caption_dropout: float = option(0.1, "probability of the empty caption (for guidance)")
+    immiscible_noise: bool = option(False, "pair each image of a batch with a nearby noise draw (immiscible diffusion)")
     text_width: int = option(128, "text encoder width", parse=positive_int, aliases=("text_emb_dim",))
     text_layers: int = option(2, "text encoder layers", parse=positive_int)
     text_heads: int = option(4, "text encoder attention heads", parse=positive_int)

@@ -183,7 +183,12 @@ def start_run(run: RunOptions, **sections: Any) -> Path:
 
 def optim_config(run: RunOptions, steps: int | None) -> OptimConfig:
     return OptimConfig(
-        lr=run.lr, weight_decay=run.wd, warmup_steps=run.warmup, schedule=run.lr_schedule, total_steps=steps
+        lr=run.lr,
+        weight_decay=run.wd,
+        warmup_steps=run.warmup,
+        schedule=run.lr_schedule,
+        total_steps=steps,
+        timed=bool(run.minutes),
     )
 
 
@@ -256,6 +261,7 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
         captioner=captioner,
         cycle=model.cycle,
         guidance_scale=model.guidance_scale,
+        immiscible_noise=model.immiscible_noise,
     )
     callbacks: list[L.Callback] = [Export(out / "model", save_pipeline, run.export_every)]
     if run.sample_every:
