@@ -157,7 +157,8 @@ def test_paraphrase_says_the_same_picture_the_other_way_round():
         else:
             assert b == a
     assert said[None] and all(said[r] for r in RELATIONS)
-    assert caption_for(converse(parse_caption("a red circle above a blue square"))) == "a blue square below a red circle"
+    turned = converse(parse_caption("a red circle above a blue square"))
+    assert caption_for(turned) == "a blue square below a red circle"
     with pytest.raises(ValueError, match="p_paraphrase"):
         ShapesConfig(p_paraphrase=1.5)
 

@@ -109,10 +109,10 @@ def test_immiscible_noise_reorders_the_batch_noise_to_the_nearest_assignment(mon
     assert sorted(paired.flatten().tolist()) == sorted(noise.flatten().tolist())
 
     # in a training step: the same draws, paired with the images they lie nearest
-    from helpers import tiny_denoiser, tiny_text_encoder, tiny_tokenizer
-
     from cyclediffusion import create_noise_process
     from cyclediffusion.training.modules import DiffusionModule
+
+    from helpers import tiny_denoiser, tiny_text_encoder, tiny_tokenizer
 
     seen = []
     process = create_noise_process("flow")

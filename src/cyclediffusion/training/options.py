@@ -66,7 +66,9 @@ class RunOptions:
     wd: float = option(0.0, "AdamW weight decay", aliases=("weight_decay",))
     warmup: int = option(100, "linear LR warmup steps")
     lr_schedule: str = option(
-        "constant", "LR after warmup (cosine: to zero at the end of --steps or --minutes)", choices=("constant", "cosine")
+        "constant",
+        "LR after warmup (cosine: to zero at the end of the steps or minutes)",
+        choices=("constant", "cosine"),
     )
     precision: str = option("32", "Lightning precision", choices=("32", "bf16-mixed", "16-mixed", "32-true"))
     accumulate: int = option(1, "gradient accumulation steps", parse=positive_int)
