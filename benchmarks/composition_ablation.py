@@ -29,8 +29,9 @@ from cyclediffusion.data.shapes import write_imagefolder
 from cyclediffusion.demo import DEMO_WORLD, IMAGE_SIZE, demo_model
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
-from cyclediffusion.training import DataOptions, RunOptions, VAEOptions, train_text2image, train_vae
+from cyclediffusion.training import CycleConfig, DataOptions, RunOptions, VAEOptions, train_text2image, train_vae
 
+NO_CYCLE = CycleConfig(weight=0.0)  # the captioner as REPA's encoder only
 CAPTIONS = {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}
 # name -> (model option overrides, caption-world overrides, run option overrides)
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
@@ -45,6 +46,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "fast": ({}, {}, {"lr": 2e-3, "lr_schedule": "cosine"}),
     "cosine": ({}, {}, {"lr_schedule": "cosine"}),
     "immiscible": ({"immiscible_noise": True}, {}, {}),
+    "repa": ({"repa_weight": 0.5, "repa_encoder": "vae", "repa_until": 0.5}, {}, {}),
+    "repa_cap": ({"repa_weight": 0.5, "repa_encoder": "captioner", "repa_until": 0.5, "cycle": NO_CYCLE}, {}, {}),
     "all": ({"mask_padding": True, "text_refiner_layers": 1, "coord_channels": True}, CAPTIONS, {}),
 }
 
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--per-kind", type=int, default=20, help="prompts per ShapesEval category")
     parser.add_argument("--quick", action="store_true", help="a tiny world and a few steps (for the tests)")
+    parser.add_argument("--captioner", help="a trained captioner (train-captioner run) for repa_cap")
     parser.add_argument("--merge", action="store_true", help="keep the other variants of an earlier JSON in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
             run.mkdir(parents=True)
             for file in ("latents.safetensors", "latents.json") if data in caches else ():
                 shutil.copy(caches[data] / file, run / file)  # checked against the VAE and data, re-encoded if stale
+            if model_options.get("repa_encoder") == "captioner":
+                if not args.captioner:
+                    parser.error(f"variant {name} needs --captioner")
+                model_options = {**model_options, "captioner": args.captioner}
             model = dataclasses.replace(demo_model(demo / "vae"), **model_options)
             if args.quick:
                 model = dataclasses.replace(model, model_size="tiny", text_width=32, text_layers=1)

@@ -12,6 +12,7 @@ whose loss is not finite stops the run with :class:`NonFiniteLossError` before i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from ..pipelines.caption import CaptionPipeline, check_compatible
 from ..text import Tokenizer
 from .caption_loss import CYCLE_STREAM, CycleLoss
 from .options import CycleConfig
+from .repa import FrozenEncoder, RepresentationAlignment
 
 LOSS_BINS = 10  # the denoising loss is logged per tenth of the noise scale (loss_by_noise/bin0 = cleanest)
 
@@ -90,6 +92,7 @@ class StepModule(L.LightningModule):
         super().__init__()
         self.optim = optim
         self.seed = seed
+        self.progress = 0.0  # share of the run done: steps of max_steps, or time of the budget (whichever leads)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run trains at the learning rate it is given now (a lower one after a divergence, say): the
@@ -103,13 +106,16 @@ class StepModule(L.LightningModule):
                         group["initial_lr"], group["lr"] = self.optim.lr, current
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A timed cosine schedule learns how much of the budget is spent (Lightning's timer, resumes included)."""
-        if self.optim.timed and self._trainer is not None:
-            timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
-            remaining = timer.time_remaining() if timer is not None else None
-            if remaining is not None:
-                elapsed = timer.time_elapsed()
-                self.optim.time_fraction = elapsed / max(elapsed + remaining, 1e-9)
+        """Before each step: how much of the run is done (``progress``), and of its time budget (Lightning's timer,
+        resumes included), which a timed cosine schedule follows."""
+        max_steps = self.trainer.max_steps
+        self.progress = self.trainer.global_step / max_steps if max_steps > 0 else 0.0
+        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is not None:
+            elapsed = timer.time_elapsed()
+            self.optim.time_fraction = elapsed / max(elapsed + remaining, 1e-9)
+            self.progress = max(self.progress, self.optim.time_fraction)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradients that are not finite stop the run before they reach the weights (as a non-finite loss does).
@@ -207,6 +213,7 @@ class StepLosses:
     loss: torch.Tensor
     denoise: TrainingLoss
     cycle: torch.Tensor | None = None
+    repa: torch.Tensor | None = None
 
 
 class DiffusionModule(StepModule):
@@ -219,7 +226,9 @@ class DiffusionModule(StepModule):
     VAE, is frozen and stays out of the module tree (no optimiser, no EMA, no checkpoint, no export).
     ``guidance_scale`` is stored with the exported pipeline as its default. ``immiscible_noise`` pairs each
     image of the batch with a nearby noise draw (:func:`~cyclediffusion.diffusion.immiscible`); under DDP each
-    rank pairs its own rows, so that option alone makes a split run differ from a single-process one.
+    rank pairs its own rows, so that option alone makes a split run differ from a single-process one. A
+    ``repa_encoder`` adds ``repa_weight`` x the representation-alignment loss of :mod:`~.repa` until ``repa_until``
+    of the run is done.
     """
 
     def __init__(
@@ -237,9 +246,14 @@ class DiffusionModule(StepModule):
         cycle: CycleConfig | None = None,
         guidance_scale: float | None = None,
         immiscible_noise: bool = False,
+        repa_encoder: FrozenEncoder | None = None,
+        repa_weight: float = 0.5,
+        repa_until: float = 1.0,
     ) -> None:
         super().__init__(optim, seed)
         self.immiscible_noise = immiscible_noise
+        self.repa = RepresentationAlignment(denoiser, repa_encoder.dim) if repa_encoder is not None else None
+        self.repa_weight, self.repa_until = repa_weight, repa_until
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.caption_dropout = caption_dropout
@@ -250,6 +264,7 @@ class DiffusionModule(StepModule):
         self.cycle = CycleLoss(cycle, captioner, noise_process) if active else None
         self.guidance_scale = guidance_scale
         self.shared = Shared({"tokenizer": tokenizer, "noise_process": noise_process, "vae": vae})
+        self.shared.value["repa_encoder"] = repa_encoder
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -292,6 +307,13 @@ class DiffusionModule(StepModule):
         z = posterior.mean + posterior.std * self.draw_normal(g, posterior.mean.shape)
         return self.vae.scale_latents(z).float()
 
+    def clean_pixels(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's images in [-1, 1]: loaded, or decoded from the cached latents' means (for REPA's encoder)."""
+        if "pixels" in batch:
+            return batch["pixels"]
+        with torch.no_grad():
+            return self.vae.decode(DiagonalGaussian(batch["latent_params"].float()).mean).clamp(-1, 1)
+
     def step_losses(self, batch: dict[str, Any]) -> StepLosses:
         """The losses of one micro-batch; every random number is keyed to ``batch["step"]``."""
         step = int(batch["step"][0])
@@ -315,13 +337,19 @@ class DiffusionModule(StepModule):
         def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             return self.denoiser(x, s, text.hidden_states, text.pooled, text.mask)
 
-        denoise = self.noise_process.training_loss(model_fn, x0, noise=noise, t=t)
+        align = self.repa is not None and self.progress < self.repa_until
+        with self.repa.capture() if align else contextlib.nullcontext():
+            denoise = self.noise_process.training_loss(model_fn, x0, noise=noise, t=t)
         loss = denoise.loss.mean()
+        repa = None
+        if align:
+            repa = self.repa.loss(self.shared.value["repa_encoder"](self.clean_pixels(batch)))
+            loss = loss + self.repa_weight * repa
         cycle = None
         if self.cycle is not None and self.cycle_due(step):
             cycle = self.cycle.loss(self, x0, captions, self.step_generator(step, CYCLE_STREAM))
             loss = loss + self.cycle.config.weight * cycle
-        return StepLosses(loss, denoise, cycle)
+        return StepLosses(loss, denoise, cycle, repa)
 
     def cycle_due(self, step: int) -> bool:
         """Whether micro-batch ``step`` belongs to an optimiser step that carries the cycle term."""
@@ -331,11 +359,11 @@ class DiffusionModule(StepModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.step_losses(batch)
         local = len(batch["caption"])
-        extra = {}
-        if self.cycle is not None:
+        extra = {} if out.repa is None else {"repa_loss": out.repa}
+        if self.cycle is not None or self.repa is not None:
             extra["denoise_loss"] = out.denoise.loss.mean()
-            if out.cycle is not None:
-                extra["cycle_loss"] = out.cycle
+        if out.cycle is not None:
+            extra["cycle_loss"] = out.cycle
         self.log_losses(out.loss, local, **extra)
         bins = (out.denoise.level * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
         for b in range(LOSS_BINS):

@@ -16,6 +16,7 @@ from ..models import AutoencoderKL
 from ..options import option
 from ..recipes import DEFAULT_GUIDANCE, DEFAULT_PROMPTS, build_denoiser, build_noise_process, build_text_encoder
 from ..text import Tokenizer
+from .repa import REPA_ENCODERS
 
 CYCLE_MODES = ("x0", "last-k")
 
@@ -164,6 +165,13 @@ class ModelOptions:
     vae: str | None = option(None, "trained VAE (run folder or model folder); pixel space without it")
     latent_channels: int | None = option(None, "latent channels the VAE must have (checked)", aliases=("latent_dim",))
     caption_dropout: float = option(0.1, "probability of the empty caption (for guidance)")
+    repa_weight: float = option(
+        0.0, "weight of representation alignment (REPA) to a frozen encoder's features (0: off)",
+        parse=non_negative_float,
+    )  # fmt: skip
+    repa_encoder: str = option("vae", "REPA target: the VAE encoder, or the --captioner's image encoder",
+                               choices=REPA_ENCODERS)  # fmt: skip
+    repa_until: float = option(1.0, "share of the run (steps or minutes) after which REPA is off")
     immiscible_noise: bool = option(False, "pair each image of a batch with a nearby noise draw (immiscible diffusion)")
     text_width: int = option(128, "text encoder width", parse=positive_int, aliases=("text_emb_dim",))
     text_layers: int = option(2, "text encoder layers", parse=positive_int)
@@ -189,6 +197,10 @@ class ModelOptions:
             raise ValueError("the --cycle-* options need --captioner")
         if self.num_train_timesteps is not None and self.scheduler != "ddpm":
             raise ValueError("--num-train-timesteps is an option of --scheduler ddpm")
+        if not 0 < self.repa_until <= 1:
+            raise ValueError(f"--repa-until is a share of the run in (0, 1], got {self.repa_until}")
+        if self.repa_weight > 0 and self.repa_encoder == "captioner" and not self.captioner:
+            raise ValueError("--repa-encoder captioner needs --captioner")
         given_dit = list(self.dit_fields())
         if self.backbone == "unet" and given_dit:
             raise ValueError(f"--dit-{given_dit[0].replace('_', '-')} is an option of --backbone dit")

@@ -49,6 +49,7 @@ from .data import collate, load_images
 from .latents import latent_dataset
 from .modules import CaptionerModule, DiffusionModule, OptimConfig, VAEModule
 from .options import CaptionerOptions, DataOptions, ModelOptions, RunOptions, VAEOptions
+from .repa import FrozenEncoder
 from .sampler import StepBatchSampler, StepIndexed
 from .tokenizers import captioner_tokenizer, prepare_tokenizer
 
@@ -262,6 +263,9 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
         cycle=model.cycle,
         guidance_scale=model.guidance_scale,
         immiscible_noise=model.immiscible_noise,
+        repa_encoder=FrozenEncoder(model.repa_encoder, vae, captioner) if model.repa_weight > 0 else None,
+        repa_weight=model.repa_weight,
+        repa_until=model.repa_until,
     )
     callbacks: list[L.Callback] = [Export(out / "model", save_pipeline, run.export_every)]
     if run.sample_every:
