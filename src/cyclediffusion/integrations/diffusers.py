@@ -8,6 +8,7 @@ the library that imports diffusers or transformers (``pip install 'cyclediffusio
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ class DiffusersVAE(nn.Module):
     @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
+
+    def config_dict(self) -> dict[str, Any]:
+        """diffusers' config (what the latent cache keys on, with the weights)."""
+        return {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
 
     @property
     def downsample_factor(self) -> int:
@@ -147,9 +152,15 @@ def wrap_stable_diffusion(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any
     }
 
 
-def load_stable_diffusion(name_or_path: str | Path) -> dict[str, Any]:
-    """Load a Stable Diffusion folder (or hub name) with diffusers' and transformers' own loaders (safetensors
-    weights only) and wrap it; a DDIM scheduler is built from its scheduler config."""
+def is_diffusers_pipeline(path: str | Path) -> bool:
+    """Whether ``path`` is a folder saved by diffusers (its ``model_index.json`` names a diffusers version)."""
+    index = Path(path) / "model_index.json"
+    return index.is_file() and "_diffusers_version" in json.loads(index.read_text())
+
+
+def load_stable_diffusion_parts(name_or_path: str | Path) -> dict[str, Any]:
+    """diffusers' and transformers' own ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and a DDIM ``scheduler``
+    of a Stable Diffusion folder (or hub name), from safetensors weights only."""
     try:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -157,10 +168,33 @@ def load_stable_diffusion(name_or_path: str | Path) -> dict[str, Any]:
         raise ImportError("loading diffusers models needs: pip install 'cyclediffusion[hf]'") from err
     path = str(name_or_path)
     kwargs = {"use_safetensors": True}
-    return wrap_stable_diffusion(
-        AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
-        CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
-        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
-        DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
+    return {
+        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
+        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+        "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
+    }
+
+
+def load_stable_diffusion(name_or_path: str | Path) -> dict[str, Any]:
+    """Load a Stable Diffusion folder (or hub name) with diffusers' and transformers' own loaders (safetensors
+    weights only) and wrap it; a DDIM scheduler is built from its scheduler config."""
+    return wrap_stable_diffusion(**load_stable_diffusion_parts(name_or_path))
+
+
+def save_stable_diffusion(pipe: Any, scheduler: Any, directory: str | Path) -> None:
+    """Write the Stable Diffusion parts inside ``pipe`` (a pipeline of this project around them, e.g. after
+    fine-tuning) as a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads (safetensors)."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = {
+        "vae": pipe.vae.vae,
+        "text_encoder": pipe.text_encoder.text_encoder,
+        "tokenizer": pipe.tokenizer.tokenizer,
+        "unet": pipe.denoiser.unet,
+    }
+    sd = StableDiffusionPipeline(
+        **parts, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+    sd.save_pretrained(directory, safe_serialization=True)

@@ -67,7 +67,7 @@ class CycleLoss:
             prediction = module.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled, text.mask)
             x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
         pixels = x0_hat if module.vae is None else module.vae.decode_latents(x0_hat)
-        per_caption = self.captioner.loss(pixels, texts, reduction="none")
+        per_caption = self.captioner.loss(pixels.to(self.captioner.device), texts, reduction="none").to(x0.device)
         return per_caption.sum() * world / count
 
     def draw_last_k(self, module: Any, noise: torch.Tensor, text: TextEncoderOutput) -> torch.Tensor:

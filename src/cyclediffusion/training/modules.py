@@ -249,11 +249,13 @@ class DiffusionModule(StepModule):
         repa_encoder: FrozenEncoder | None = None,
         repa_weight: float = 0.5,
         repa_until: float = 1.0,
+        captioner_device: str | None = None,
     ) -> None:
         super().__init__(optim, seed)
         self.immiscible_noise = immiscible_noise
         self.repa = RepresentationAlignment(denoiser, repa_encoder.dim) if repa_encoder is not None else None
         self.repa_weight, self.repa_until = repa_weight, repa_until
+        self.captioner_device = captioner_device
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.caption_dropout = caption_dropout
@@ -287,7 +289,7 @@ class DiffusionModule(StepModule):
         if self.vae is not None:
             self.vae.to(self.device)
         if self.captioner is not None:
-            self.captioner.to(self.device)
+            self.captioner.to(self.captioner_device or self.device)
 
     def to_pipeline(self) -> Text2ImagePipeline:
         """The inference pipeline made of this module's (current) weights."""

@@ -186,8 +186,16 @@ class ModelOptions:
     sample_prompts: list[str] = option(
         factory=lambda: list(DEFAULT_PROMPTS), help="prompt of the sample grids (repeatable)", flag="sample_prompt"
     )
-    init_from: str | None = option(None, "start from an exported pipeline (run or model folder): fine-tuning")
-    captioner: str | None = option(None, "trained captioner for the cycle loss (train-captioner run or model folder)")
+    init_from: str | None = option(
+        None, "fine-tune an exported pipeline (run or model folder) or a diffusers Stable Diffusion folder"
+    )
+    train_text_encoder: bool = option(
+        True, "train the text encoder with the denoiser (--no-train-text-encoder: frozen)"
+    )
+    captioner: str | None = option(
+        None, "captioner of the cycle loss: a train-captioner run or model folder, or a transformers Pix2Struct folder"
+    )
+    captioner_device: str | None = option(None, "device of the captioner (e.g. cuda:1; none: the model's)")
     cycle: CycleConfig = option(
         factory=CycleConfig, help="cycle loss (a frozen captioner reads the caption back)", prefix="cycle"
     )

@@ -54,6 +54,8 @@ class FrozenEncoder:
             raise ValueError("--repa-encoder vae needs a latent model (--vae)")
         if kind == "captioner" and captioner is None:
             raise ValueError("--repa-encoder captioner needs --captioner")
+        if kind == "captioner" and not isinstance(captioner, CaptionPipeline):
+            raise ValueError("--repa-encoder captioner needs a captioner trained here (train-captioner)")
         self.kind = kind
         self.network = vae.encoder if kind == "vae" else captioner.captioner.encoder
         self.network.eval().requires_grad_(False)

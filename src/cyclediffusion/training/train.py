@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -235,8 +236,9 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
     out = start_run(run, data=data, model=model)
     captioner = load_captioner(model.captioner, data.image_size) if model.captioner else None
     images = load_images(data)
+    save = save_pipeline
     if model.init_from:
-        pipe = load_initial_pipeline(model, data.image_size)
+        pipe, save = load_initial_pipeline(model, data.image_size)
         tokenizer, text_encoder, denoiser, vae = pipe.tokenizer, pipe.text_encoder, pipe.denoiser, pipe.vae
         noise_process = pipe.noise_process
     else:
@@ -266,32 +268,55 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
         repa_encoder=FrozenEncoder(model.repa_encoder, vae, captioner) if model.repa_weight > 0 else None,
         repa_weight=model.repa_weight,
         repa_until=model.repa_until,
+        captioner_device=model.captioner_device,
+        train_text_encoder=model.train_text_encoder,
     )
-    callbacks: list[L.Callback] = [Export(out / "model", save_pipeline, run.export_every)]
+    callbacks: list[L.Callback] = [Export(out / "model", save, run.export_every)]
     if run.sample_every:
         callbacks.append(SampleGrid(model.sample_prompts, out / "samples", run.sample_every, seed=run.seed))
     trainer = fit(module, dataset, run, steps, data.num_workers, callbacks)
     if trainer.is_global_zero:
-        export_atomically(save_pipeline, module, out / "model")
+        export_atomically(save, module, out / "model")
     return out / "model"
 
 
-def load_initial_pipeline(model: ModelOptions, image_size: int) -> Text2ImagePipeline:
-    """The exported pipeline named by ``--init-from``, checked against the image size."""
+def load_initial_pipeline(model: ModelOptions, image_size: int) -> tuple[Text2ImagePipeline, Callable]:
+    """The pipeline named by ``--init-from``, checked against the image size, and how to export its fine-tune.
+
+    A diffusers Stable Diffusion folder is wrapped (:mod:`~cyclediffusion.integrations.diffusers`) and exported
+    as a diffusers folder again, with its scheduler config; a pipeline of this project is exported as one."""
     if model.vae:
         raise ValueError("--init-from brings its own VAE (and tokenizer and noise process): drop --vae")
-    path = resolve_model_dir(model.init_from)
-    pipe = Text2ImagePipeline.from_pretrained(path)
+    from ..integrations.diffusers import is_diffusers_pipeline
+
+    save = save_pipeline
+    if is_diffusers_pipeline(model.init_from):
+        from ..integrations.diffusers import load_stable_diffusion_parts, save_stable_diffusion, wrap_stable_diffusion
+
+        path = Path(model.init_from)
+        parts = load_stable_diffusion_parts(path)
+        pipe = Text2ImagePipeline(**wrap_stable_diffusion(**parts), guidance_scale=model.guidance_scale)
+
+        def save(module: DiffusionModule, directory: Path) -> None:
+            save_stable_diffusion(module.to_pipeline(), parts["scheduler"], directory)
+    else:
+        path = resolve_model_dir(model.init_from)
+        pipe = Text2ImagePipeline.from_pretrained(path)
     pipe.text_encoder.train(), pipe.denoiser.train()  # loaded for inference, in eval mode
     size = pipe.denoiser.sample_size * pipe.latent_factor
     if size != image_size:
         raise ValueError(f"the model in {path} makes {size}px images but --image-size is {image_size}")
     log.info("starting from %s (its backbone, noise process, tokenizer and VAE are used)", path)
-    return pipe
+    return pipe, save
 
 
 def load_captioner(path: str, image_size: int) -> CaptionPipeline:
-    """The exported caption pipeline of the cycle loss (with its own tokenizer), checked against the image size."""
+    """The captioner of the cycle loss: an exported caption pipeline (with its own tokenizer), checked against the
+    image size, or a transformers Pix2Struct folder (model + processor; any image size)."""
+    from ..integrations.pix2struct import is_pix2struct_folder, load_pix2struct
+
+    if is_pix2struct_folder(path):
+        return load_pix2struct(path)
     model_dir = resolve_model_dir(path)
     pipe = CaptionPipeline.from_pretrained(model_dir)
     if pipe.image_size != image_size:
