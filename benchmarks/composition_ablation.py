@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-kind", type=int, default=20, help="prompts per ShapesEval category")
     parser.add_argument("--quick", action="store_true", help="a tiny world and a few steps (for the tests)")
     parser.add_argument("--captioner", help="a trained captioner (train-captioner run) for repa_cap")
-    parser.add_argument("--merge", action="store_true", help="keep the other variants of an earlier JSON in --out")
+    parser.add_argument("--pause-file", help="before each run, wait while this file exists (frees the CPU for a while)")
+    parser.add_argument("--merge", action="store_true", help="keep the other runs of an earlier JSON in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.variants.split(",")
@@ -97,13 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
     length = {"steps": 2} if args.quick else {"minutes": args.minutes, "steps": 100_000}
     saved = out / "composition_ablation.json"
     results: dict[str, list[dict]] = json.loads(saved.read_text()) if args.merge and saved.is_file() else {}
-    for name in names:
-        results.pop(name, None)
+    for name in names:  # the runs made now replace those of the same variant and seed
+        results[name] = [r for r in results.get(name, []) if r["seed"] not in seeds]
     caches: dict[Path, Path] = {}  # data folder -> a run whose latent cache (same VAE) can be copied
     for name in names:
         model_options, world, run_options = VARIANTS[name]
         data = world_data(demo, out, name, world, n)
         for seed in seeds:
+            while args.pause_file and Path(args.pause_file).exists():
+                time.sleep(5)
             run = out / f"{name}_s{seed}"
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                     **report.accuracy,
                 }  # fmt: skip
             )
+            results[name].sort(key=lambda r: r["seed"])
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a crash loses one run
     print(machine_line(device))

@@ -247,6 +247,26 @@ def converse(prompt: Prompt) -> Prompt:
     return replace(prompt, colours=prompt.colours[::-1], shapes=prompt.shapes[::-1], relation=relation)
 
 
+def binding_words() -> frozenset[str]:
+    """The words that decide what a caption binds: colours, shapes (and plurals), numbers, relation words."""
+    relation_words = {w for r in RELATIONS for w in r.split() if w not in ("to", "the", "of")}
+    return frozenset({*COLOURS, *SHAPES, *map(_plural, SHAPES), *NUMBERS, *relation_words})
+
+
+def negative_caption(text: str) -> str | None:
+    """A caption of the same form that the picture of ``text`` makes false: two objects with their colours
+    swapped, one object (or a count) in the next colour of the vocabulary; None outside the shapes grammar."""
+    try:
+        prompt = parse_caption(text)
+    except ValueError:
+        return None
+    if prompt.kind in ("pair", "relation"):
+        return caption_for(replace(prompt, colours=prompt.colours[::-1]))
+    names = list(COLOURS)
+    other = names[(names.index(prompt.colours[0]) + 1) % len(names)]
+    return caption_for(replace(prompt, colours=(other,)))
+
+
 def _span(r: float) -> tuple[float, float]:
     return r + MARGIN, 1.0 - r - MARGIN
 

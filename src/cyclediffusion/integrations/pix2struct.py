@@ -102,18 +102,30 @@ class Pix2StructCaptioner:
         tokens = self.processor.tokenizer(list(captions), padding=True, return_tensors="pt")
         return tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100).to(self.device)
 
-    def loss(self, pixels: torch.Tensor, captions: Sequence[str], reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        pixels: torch.Tensor,
+        captions: Sequence[str],
+        reduction: str = "mean",
+        word_weights: tuple[frozenset[str], float] | None = None,
+    ) -> torch.Tensor:
         """Cross-entropy of ``captions`` given ``pixels`` in [-1, 1]: transformers' loss (``mean``: over every
-        caption token of the batch), or one mean per caption (``none``); differentiable in the pixels."""
+        caption token of the batch), or one (weighted) mean per caption (``none``); differentiable in the pixels.
+        ``word_weights`` as in :meth:`~cyclediffusion.pipelines.caption.CaptionPipeline.loss`."""
+        from ..pipelines.caption import token_weights
+
         labels = self.labels(captions)
         out = self.captioner(**self.inputs(pixels), labels=labels)
-        if reduction == "mean":
+        if reduction == "mean" and word_weights is None:
             return out.loss
-        if reduction != "none":
+        if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         per_token = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        counts = (labels != -100).sum(dim=1).clamp_min(1)
-        return per_token.sum(dim=1) / counts
+        weights = (labels != -100).float()
+        if word_weights is not None:
+            weights = weights * token_weights(self.processor.tokenizer.decode, labels.clamp_min(0), *word_weights)
+        per_caption = (per_token * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-8)
+        return per_caption if reduction == "none" else per_caption.mean()
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, max_new_tokens: int = 32, num_beams: int = 1):

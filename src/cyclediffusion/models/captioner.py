@@ -56,11 +56,16 @@ class CaptionerConfig:
 
 
 def caption_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int = 0, reduction: str = "mean"
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    pad_token_id: int = 0,
+    reduction: str = "mean",
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Teacher-forced cross-entropy: ``logits[:, i]`` predicts ``input_ids[:, i + 1]``; padding targets are ignored.
 
-    Each caption's loss is the mean over its own target tokens (the caption and its ``<eos>``).
+    Each caption's loss is the mean over its own target tokens (the caption and its ``<eos>``), weighted by
+    ``token_weights`` (B, L - 1) when given (a weighted mean).
     ``reduction``: ``mean`` over captions (every caption weighs the same, whatever its length),
     ``sum`` over captions, or ``none`` for the (B,) per-caption losses.
     """
@@ -71,7 +76,8 @@ def caption_loss(
     token_loss = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     ).view_as(targets)
-    per_caption = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+    weights = mask.float() if token_weights is None else mask * token_weights.float()
+    per_caption = (token_loss * weights).sum(1) / weights.sum(1).clamp(min=1e-8)
     if reduction == "none":
         return per_caption
     return per_caption.sum() if reduction == "sum" else per_caption.mean()
@@ -168,9 +174,16 @@ class Captioner(nn.Module, Configurable):
             raise ValueError(f"need (B, L) input_ids for {pixels.shape[0]} images, got {tuple(input_ids.shape)}")
         return self.decode(self.encode_image(pixels), input_ids)
 
-    def loss(self, pixels: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        reduction: str = "mean",
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Cross-entropy of the captions ``input_ids`` given the images, padding ignored (see :func:`caption_loss`)."""
-        return caption_loss(self(pixels, input_ids), input_ids, self.config.pad_token_id, reduction)
+        logits = self(pixels, input_ids)
+        return caption_loss(logits, input_ids, self.config.pad_token_id, reduction, token_weights)
 
     # ----------------------------------------------------------------- generation
     def _max_length(self, max_length: int | None) -> int:

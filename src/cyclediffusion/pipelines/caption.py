@@ -48,6 +48,15 @@ def check_compatible(tokenizer: Tokenizer, captioner: Captioner) -> None:
         raise ValueError(f"tokenizer max_length {tokenizer.max_length} exceeds the captioner's {c.max_length}")
 
 
+def token_weights(decode, ids: torch.Tensor, words: frozenset[str], weight: float) -> torch.Tensor:
+    """(B, L) weights of token ``ids``: ``weight`` where ``decode([id])`` is one of ``words``, else 1."""
+    values = ids.unique().tolist()
+    heavy = torch.tensor([decode([v]).strip().lower() in words for v in values], device=ids.device)
+    lookup = torch.ones(max(values) + 1, device=ids.device)
+    lookup[torch.tensor(values, device=ids.device)[heavy]] = weight
+    return lookup[ids]
+
+
 class CaptionPipeline:
     """``CaptionPipeline(tokenizer, captioner)``: ``pipe(images).captions``."""
 
@@ -106,9 +115,19 @@ class CaptionPipeline:
         """(B, L) ids of ``captions`` under this captioner's tokenizer, on the device."""
         return self.tokenizer(list(captions)).input_ids.to(self.device)
 
-    def loss(self, pixels: torch.Tensor, captions: Sequence[str], reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy of ``captions`` given ``pixels`` (B, 3, H, W) in [-1, 1]; differentiable in the pixels."""
-        return self.captioner.loss(pixels, self.token_ids(captions), reduction=reduction)
+    def loss(
+        self,
+        pixels: torch.Tensor,
+        captions: Sequence[str],
+        reduction: str = "mean",
+        word_weights: tuple[frozenset[str], float] | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of ``captions`` given ``pixels`` (B, 3, H, W) in [-1, 1]; differentiable in the pixels.
+
+        ``word_weights = (words, w)``: the tokens that spell one of ``words`` weigh ``w``, the others 1."""
+        ids = self.token_ids(captions)
+        weights = None if word_weights is None else token_weights(self.tokenizer.decode, ids[:, 1:], *word_weights)
+        return self.captioner.loss(pixels, ids, reduction=reduction, token_weights=weights)
 
     @torch.no_grad()
     def __call__(self, images: ImageInput, num_beams: int = 1, max_length: int | None = None) -> CaptionOutput:

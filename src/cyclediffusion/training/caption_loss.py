@@ -11,12 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..data.shapes import binding_words, negative_caption
 from ..diffusion import NoiseProcess
 from ..models import TextEncoderOutput
 from ..pipelines.caption import CaptionPipeline
 from .options import CycleConfig
 
+BINDING = binding_words()
 CYCLE_STREAM = 1  # the cycle term draws from its own step-keyed stream: the plain step's numbers never move
 
 
@@ -67,17 +70,43 @@ class CycleLoss:
             prediction = module.denoiser(x_t, process.model_time(t), text.hidden_states, text.pooled, text.mask)
             x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
         pixels = x0_hat if module.vae is None else module.vae.decode_latents(x0_hat)
-        per_caption = self.captioner.loss(pixels.to(self.captioner.device), texts, reduction="none").to(x0.device)
+        per_caption = self.objective(pixels.to(self.captioner.device), texts).to(x0.device)
         return per_caption.sum() * world / count
 
+    def objective(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """The (B,) per-caption term: the captioner's cross-entropy (``ce``), the same with the binding words
+        weighted (``weighted``), or cross-entropy plus ``softplus(nll(true) - nll(negative))`` where the
+        negative caption swaps the colours (``contrastive``; rows outside the shapes grammar keep plain CE)."""
+        kind = self.config.objective
+        if kind == "weighted":
+            return self.captioner.loss(pixels, texts, reduction="none", word_weights=(BINDING, self.config.word_weight))
+        nll = self.captioner.loss(pixels, texts, reduction="none")
+        if kind == "ce":
+            return nll
+        negatives = [negative_caption(text) for text in texts]
+        rows = [i for i, n in enumerate(negatives) if n is not None]
+        if not rows:
+            return nll
+        index = torch.tensor(rows, device=pixels.device)
+        negative_nll = self.captioner.loss(pixels[index], [negatives[i] for i in rows], reduction="none")
+        return nll.index_add(0, index, F.softplus(nll[index] - negative_nll))
+
     def draw_last_k(self, module: Any, noise: torch.Tensor, text: TextEncoderOutput) -> torch.Tensor:
-        """Sample from ``noise`` under ``text``: the term's sampler steps, gradient through the last ``k``."""
-        process, k = module.noise_process, self.config.k
+        """Sample from ``noise`` under ``text``: the term's sampler steps, gradient through the last ``k``; with
+        ``guidance`` other than 1, classifier-free guided as the pipeline samples (the empty caption unconditional)."""
+        process, k, scale = module.noise_process, self.config.k, self.config.guidance
         grid = process.grid(self.config.sample_steps)
         head, tail = grid[:-k], grid[-k:]
+        empty = None
+        if scale != 1.0:
+            empty = module.text_encoder(module.tokenizer([""] * noise.shape[0]).input_ids.to(module.device))
 
         def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return module.denoiser(x, s, text.hidden_states, text.pooled, text.mask).float()
+            cond = module.denoiser(x, s, text.hidden_states, text.pooled, text.mask).float()
+            if empty is None:
+                return cond
+            uncond = module.denoiser(x, s, empty.hidden_states, empty.pooled, empty.mask).float()
+            return uncond + scale * (cond - uncond)
 
         with torch.no_grad():
             x = process.denoise(model_fn, noise, head)

@@ -356,7 +356,7 @@ class DiffusionModule(StepModule):
     def cycle_due(self, step: int) -> bool:
         """Whether micro-batch ``step`` belongs to an optimiser step that carries the cycle term."""
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        return self.cycle.due(step, accumulate)
+        return self.progress >= self.cycle.config.start and self.cycle.due(step, accumulate)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.step_losses(batch)
@@ -378,25 +378,75 @@ class DiffusionModule(StepModule):
 class CaptionerModule(StepModule):
     """Trains a :class:`Captioner` on captioned images: teacher-forced cross-entropy, padding ignored.
 
-    The tokenizer stays out of the module tree; the step has no randomness of its own.
+    With ``estimates`` (a frozen text-to-image pipeline), a share ``estimate_fraction`` of each batch's images is
+    replaced by that model's one-step estimates of them: the image is encoded, noised at a time drawn as in the
+    model's training, denoised once under its own caption and decoded. The caption stays the image's true one, so
+    the captioner learns to read what the model makes of a picture (never a generated image labelled with the
+    prompt that made it, which would let the two models agree on what is not drawn). The tokenizer and the frozen
+    pipeline stay out of the module tree; the rows, times and noise are keyed to the step.
     """
 
-    def __init__(self, tokenizer: Tokenizer, captioner: Captioner, optim: OptimConfig, seed: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        captioner: Captioner,
+        optim: OptimConfig,
+        seed: int = 0,
+        estimates: Text2ImagePipeline | None = None,
+        estimate_fraction: float = 0.5,
+    ) -> None:
         super().__init__(optim, seed)
         self.captioner = captioner
-        self.shared = Shared({"tokenizer": tokenizer})
+        self.shared = Shared({"tokenizer": tokenizer, "estimates": estimates})
+        self.estimate_fraction = estimate_fraction
         check_compatible(tokenizer, captioner)
+        if estimates is not None:
+            estimates.eval()
+            for module in estimates.modules:
+                module.requires_grad_(False)
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.shared.value["tokenizer"]
 
+    def on_fit_start(self) -> None:
+        if self.shared.value["estimates"] is not None:
+            self.shared.value["estimates"].to(self.device)
+
     def to_pipeline(self) -> CaptionPipeline:
         """The inference pipeline made of this module's (current) weights."""
         return CaptionPipeline(self.tokenizer, self.captioner)
 
+    @torch.no_grad()
+    def with_estimates(self, pixels: torch.Tensor, captions: list[str], step: int) -> torch.Tensor:
+        """``pixels`` with the chosen rows replaced by the frozen model's one-step estimates of them."""
+        pipe: Text2ImagePipeline = self.shared.value["estimates"]
+        g = self.step_generator(step)
+        local, world = pixels.shape[0], self.world_size()
+        rows = self.rank_rows(local)
+        chosen = (torch.rand(local * world, generator=g, device=self.device) < self.estimate_fraction)[rows]
+        process = pipe.noise_process
+        t = process.sample_timesteps(local * world, self.device, g)[rows]
+        index = chosen.nonzero().squeeze(1)
+        x0 = pixels if pipe.vae is None else pipe.vae.scale_latents(pipe.vae.encode(pixels).mean).float()
+        noise = self.draw_normal(g, x0.shape)
+        if index.numel() == 0:
+            return pixels
+        x0, t = x0[index], t[index]
+        x_t = process.add_noise(x0, noise[index], t)
+        text = pipe.encode_prompt([captions[i] for i in index.tolist()])
+        prediction = pipe.denoiser(x_t, process.model_time(t), text.context, text.pooled, text.mask)
+        x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
+        out = pixels.clone()
+        out[index] = pipe.latents_to_pixels(x0_hat).clamp(-1, 1).to(pixels.dtype)
+        return out
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        ids = self.tokenizer(list(batch["caption"])).input_ids.to(self.device)
-        loss = self.captioner.loss(batch["pixels"], ids)
+        captions = list(batch["caption"])
+        ids = self.tokenizer(captions).input_ids.to(self.device)
+        pixels = batch["pixels"]
+        if self.shared.value["estimates"] is not None:
+            pixels = self.with_estimates(pixels, captions, int(batch["step"][0]))
+        loss = self.captioner.loss(pixels, ids)
         self.log_losses(loss, ids.shape[0])
         return loss

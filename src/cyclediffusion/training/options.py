@@ -19,6 +19,7 @@ from ..text import Tokenizer
 from .repa import REPA_ENCODERS
 
 CYCLE_MODES = ("x0", "last-k")
+CYCLE_OBJECTIVES = ("ce", "weighted", "contrastive")
 
 
 def positive_int(text: str) -> int:
@@ -107,7 +108,11 @@ class CycleConfig:
     Mode ``last-k``: the chosen rows are drawn from pure noise under their captions by a deterministic
     DDIM sampler of ``sample_steps`` steps (flow matching: Euler), the first ``sample_steps - k`` without
     gradient and the last ``k`` with it, so the captioner reads what the model draws from the caption
-    alone and the gradient runs back through ``k`` denoiser calls (``t_max`` is not used).
+    alone and the gradient runs back through ``k`` denoiser calls (``t_max`` is not used), guided by ``guidance``.
+
+    ``t_max`` up to the whole scale (flow 1.0, ddpm T) reads the estimate where the layout is still decided.
+    ``objective`` weights what matters (see :meth:`~.caption_loss.CycleLoss.objective`); ``start`` lets the term
+    act only in the last part of a run (or fine-tune an exported model with ``--init-from``).
     """
 
     weight: float = option(0.1, "weight of the captioner's loss")
@@ -120,6 +125,13 @@ class CycleConfig:
     )  # fmt: skip
     k: int = option(2, "last-k: sampler steps with gradient", parse=positive_int)
     sample_steps: int = option(10, "last-k: sampler steps in all", parse=positive_int)
+    guidance: float = option(1.0, "last-k: classifier-free guidance of the sampling chain (1: none)")
+    objective: str = option(
+        "ce", "ce: caption cross-entropy; weighted: colour, shape, number and relation words weigh word_weight; "
+        "contrastive: cross-entropy plus a margin over the caption with its colours swapped", choices=CYCLE_OBJECTIVES,
+    )  # fmt: skip
+    word_weight: float = option(3.0, "weighted: weight of the colour, shape, number and relation words")
+    start: float = option(0.0, "share of the run (steps or minutes) before the term starts")
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -132,6 +144,12 @@ class CycleConfig:
             raise ValueError(f"unknown cycle mode {self.mode!r}; choose from {', '.join(CYCLE_MODES)}")
         if self.t_max is not None and self.t_max <= 0:
             raise ValueError(f"the cycle t_max must be positive, got {self.t_max}")
+        if self.objective not in CYCLE_OBJECTIVES:
+            raise ValueError(f"unknown cycle objective {self.objective!r}; choose from {', '.join(CYCLE_OBJECTIVES)}")
+        if not 0 <= self.start < 1:
+            raise ValueError(f"the cycle start is a share of the run in [0, 1), got {self.start}")
+        if self.word_weight <= 0:
+            raise ValueError(f"the cycle word weight must be positive, got {self.word_weight}")
         if not 1 <= self.k <= self.sample_steps:
             raise ValueError(f"the cycle needs 1 <= k <= sample_steps, got {self.k} and {self.sample_steps}")
 
@@ -286,8 +304,11 @@ class CaptionerOptions:
     """The captioner: a named size, its patch size, and its tokenizer (trained here, or ``tokenizer``'s).
 
     ``tokenizer`` is a tokenizer folder, or a model or run folder holding one (a text-to-image run's,
-    so that both models share it). ``holdout`` keeps the last N images out of training to score the
-    captioner on at the end (generated with ``num_beams``).
+    so that both models share it). ``read_estimates_of`` names a text-to-image model whose one-step estimates of
+    the training images (at noise levels drawn as in its training) replace ``estimate_fraction`` of every batch,
+    always with the image's true caption: a captioner for the cycle loss that reads what that model draws.
+    ``holdout`` keeps the last N images out of training to score the captioner on at the end (generated with
+    ``num_beams``).
     """
 
     size: str = option("small", "captioner size", choices=("tiny", "small", "base"), flag="captioner_size")
@@ -296,6 +317,15 @@ class CaptionerOptions:
     vocab_size: int = option(1024, "vocabulary of a tokenizer trained here", parse=positive_int)
     max_length: int | None = option(None, "token length (none: fit the captions)", parse=positive_int)
     holdout: int = option(0, "keep the last N images out of training; score captions on them")
+    read_estimates_of: str | None = option(
+        None, "a text-to-image model: train also on its one-step estimates of the images (true captions)"
+    )
+    estimate_fraction: float = option(0.5, "share of each batch replaced by those estimates")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.estimate_fraction <= 1:
+            raise ValueError(f"--estimate-fraction must be in (0, 1], got {self.estimate_fraction}")
+
     num_beams: int = option(1, "beam width of the held-out captions", parse=positive_int, flag="beams")
 
 

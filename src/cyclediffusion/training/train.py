@@ -34,7 +34,7 @@ from ..models.vae import measure_latent_scaling
 from ..options import to_plain
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline
-from ..pipelines.storage import resolve_model_dir
+from ..pipelines.storage import find_pipeline, resolve_model_dir
 from ..recipes import build_captioner, build_vae
 from .callbacks import (
     EMA,
@@ -343,7 +343,16 @@ def train_captioner(data: DataOptions, run: RunOptions, options: CaptionerOption
     tokenizer = captioner_tokenizer(out, images.captions[:n_train], options)
     captioner = build_captioner(options.size, tokenizer, data.image_size, options.patch_size)
     steps = total_steps(run, n_train, world_size(run))
-    module = CaptionerModule(tokenizer, captioner, optim_config(run, steps), seed=run.seed)
+    estimates = None
+    if options.read_estimates_of:
+        estimates = Text2ImagePipeline.from_pretrained(find_pipeline(options.read_estimates_of))
+        size = estimates.denoiser.sample_size * estimates.latent_factor
+        if size != data.image_size:
+            raise ValueError(f"--read-estimates-of makes {size}px images but --image-size is {data.image_size}")
+    module = CaptionerModule(
+        tokenizer, captioner, optim_config(run, steps), seed=run.seed, estimates=estimates,
+        estimate_fraction=options.estimate_fraction,
+    )  # fmt: skip
     callbacks: list[L.Callback] = [Export(out / "model", save_pipeline, run.export_every)]
     trainer = fit(module, train_set, run, steps, data.num_workers, callbacks)
     if trainer.is_global_zero:
