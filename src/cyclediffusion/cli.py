@@ -212,6 +212,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report.save_failure_grid(out / "failures.png")
     print(report.table())
     print(f"wrote {out / 'shapes_eval.json'} and {out / 'failures.png'}")
+    if args.captioner:
+        from .eval.caption_eval import evaluate_captioner_on_samples
+        from .pipelines.caption import CaptionPipeline
+
+        reader = CaptionPipeline.from_pretrained(resolve_model_dir(args.captioner)).to(pipe.device)
+        texts = list(dict.fromkeys(e.text for e in suite))
+        scores = evaluate_captioner_on_samples(reader, pipe, texts, args.steps, args.guidance, args.seed)
+        (out / "captioner_on_samples.json").write_text(json.dumps(scores.to_json(), indent=2) + "\n")
+        drawn, prompt = scores.shapes_correct, scores.exact_match
+        print(f"captioner on {scores.count} samples: true of the drawing {drawn:.3f}, word for word {prompt:.3f}")
 
 
 def cmd_eval_vae(args: argparse.Namespace) -> None:
@@ -288,6 +298,7 @@ def build_parser() -> Parser:
     flag(p, "--seed", type=int, default=0)
     flag(p, "--device", default="auto")
     flag(p, "--out", default=None, help="folder for shapes_eval.json and failures.png (default: RUN/eval)")
+    flag(p, "--captioner", default=None, help="also score this captioner on the model's samples (true of the drawing)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-vae", help="VAE reconstruction (PSNR, SSIM) and latent statistics on images")

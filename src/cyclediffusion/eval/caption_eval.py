@@ -88,3 +88,30 @@ def shapes_verdict(reference: str, caption: str, image: torch.Tensor) -> bool | 
         return False
     array = ((image.float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
     return bool(score(prompt, detect_objects(array))["correct"])
+
+
+@torch.no_grad()
+def evaluate_captioner_on_samples(
+    captioner: CaptionPipeline,
+    pipe: Any,
+    prompts: Sequence[str],
+    num_inference_steps: int = 25,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> CaptionScores:
+    """How well ``captioner`` reads what the text-to-image ``pipe`` draws: one sample per prompt (image ``i`` seeded
+    ``seed + i``), captioned, and judged by ShapesEval's scorer against the *drawn* picture (``shapes_correct``), so
+    a captioner that repeats the prompt of a wrong drawing scores nothing for it. ``exact_match`` is against the
+    prompt."""
+    items = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        images = pipe(chunk, generator=generators, output_type="pt", **kwargs).images * 2 - 1
+        if images.shape[-1] != captioner.image_size:
+            size = (captioner.image_size, captioner.image_size)
+            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
+        items += [{"pixels": image, "caption": text} for image, text in zip(images, chunk)]
+    return evaluate_captioner(captioner, items, batch_size=batch_size)
