@@ -56,7 +56,7 @@ from cyclediffusion.demo import DEMO_WORLD
 from cyclediffusion.eval import detect_objects, score
 from cyclediffusion.eval.shapes_eval import FOREGROUND
 from cyclediffusion.images import make_grid, save_image
-from cyclediffusion.pipelines import METHODS
+from cyclediffusion.pipelines.edit import GENERAL_METHODS, METHODS
 from cyclediffusion.recipes import build_vae
 from cyclediffusion.training.options import ModelOptions
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 images per kind, 2 strengths, 3 steps")
     parser.add_argument("--out", default="runs/edit_benchmark", help="folder for the JSON and the example grid")
     parser.add_argument("--n", type=int, default=24, help="images per edit kind")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(GENERAL_METHODS))
     parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS))
     parser.add_argument("--levels", default=",".join(f"{s:g}" for s in LEVELS), help="success levels to match")
     parser.add_argument("--texture", type=float, default=DEMO_WORLD.texture, help="background noise (demo: plain)")

@@ -46,7 +46,7 @@ from cyclediffusion.data.shapes import ShapesConfig, render, sample_scene, scene
 from cyclediffusion.demo import DEMO_WORLD
 from cyclediffusion.eval import detect_objects
 from cyclediffusion.images import make_grid, save_image
-from cyclediffusion.pipelines import METHODS
+from cyclediffusion.pipelines.edit import GENERAL_METHODS, METHODS
 from cyclediffusion.pipelines.storage import resolve_model_dir
 from cyclediffusion.training import DataOptions, ModelOptions, RunOptions, VAEOptions, train_text2image, train_vae
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-eval", type=int, default=24, help="held-out circles to translate")
     parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS))
     parser.add_argument("--modes", default=",".join(MODES), help="prompts: empty, caption")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(GENERAL_METHODS))
     parser.add_argument("--eta", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=1.0, help="guidance of the square model")

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from cyclediffusion.data.shapes import render
+from cyclediffusion.pipelines.edit import GENERAL_METHODS
 
 from helpers import load
 
@@ -47,17 +48,18 @@ def test_edit_benchmark_quick(tmp_path, capsys):
     rows = {(r["kind"], r["method"], r["strength"]): r for r in saved["rows"]}
     for kind in ("colour", "shape", "both"):
         assert in_unit(rows[kind, "reconstruction", 0.0]["iou"])
-        for method in ("cycle", "sdedit", "ddim_inversion"):
+        for method in GENERAL_METHODS:
             for strength in (0.5, 0.8):
                 row = rows[kind, method, strength]
                 assert row["n"] == 2 and in_unit(row["success"]) and in_unit(row["iou"])
                 assert in_unit(row["kept"]) if kind != "both" else row["kept"] is None
                 assert row["psnr_out"] is None or row["psnr_out"] > 0
-    assert len(saved["rows"]) == 3 * (1 + 3 * 2) and len(saved["records"]) == 6 * (1 + 3 * 2)
-    assert set(saved["matched_success"]) == {"cycle", "sdedit", "ddim_inversion"}
-    assert saved["examples"]["columns"] == ["source", "cycle @ 0.8", "sdedit @ 0.8", "ddim_inversion @ 0.8"]
-    with Image.open(tmp_path / "edit_examples.png") as grid:  # 6 rows (2 per kind) x 4 columns of 32 px, 4x
-        assert grid.size == (4 * (4 * 34 + 2), 4 * (6 * 34 + 2))
+    n = len(GENERAL_METHODS)
+    assert len(saved["rows"]) == 3 * (1 + n * 2) and len(saved["records"]) == 6 * (1 + n * 2)
+    assert set(saved["matched_success"]) == set(GENERAL_METHODS)
+    assert saved["examples"]["columns"] == ["source", *(f"{m} @ 0.8" for m in GENERAL_METHODS)]
+    with Image.open(tmp_path / "edit_examples.png") as grid:  # 6 rows (2 per kind) x (1 + n) columns of 32 px, 4x
+        assert grid.size == (4 * ((1 + n) * 34 + 2), 4 * (6 * 34 + 2))
 
 
 def test_translate_metrics_on_ground_truth():
@@ -80,13 +82,13 @@ def test_translate_shapes_quick(tmp_path, capsys):
     rows = {(r["mode"], r["method"], r["strength"]): r for r in saved["rows"]}
     assert rows["-", "source", 0.0]["square"] == 0.0 and rows["-", "source", 0.0]["colour"] == 1.0
     for mode in ("empty", "caption"):
-        for method in ("cycle", "sdedit", "ddim_inversion"):
+        for method in GENERAL_METHODS:
             for strength in (0.5, 0.8):
                 row = rows[mode, method, strength]
                 assert row["n"] == 3 and all(in_unit(row[k]) for k in ("square", "colour", "both", "box_iou", "size"))
                 assert row["centre_px"] is None or row["centre_px"] >= 0
-    assert len(rows) == 1 + 2 * 3 * 2 and set(saved["best"]) == {
-        f"{m}/{k}" for m in ("empty", "caption") for k in ("cycle", "sdedit", "ddim_inversion")
+    assert len(rows) == 1 + 2 * len(GENERAL_METHODS) * 2 and set(saved["best"]) == {
+        f"{m}/{k}" for m in ("empty", "caption") for k in GENERAL_METHODS
     }
     for name in ("translate_grid", "translate_methods"):
         assert (tmp_path / f"{name}.png").is_file()

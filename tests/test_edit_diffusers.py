@@ -84,6 +84,29 @@ def test_matches_diffusers_cycle_diffusion(components, prompts, n_images, steps,
     assert np.abs(got - expected).max() < 0.1 * np.abs(expected - 0.5).mean()  # not trivially equal (e.g. blank)
 
 
+def test_applies_diffusers_steps_offset_fix_up(components):
+    """diffusers' constructor rewrites an outdated ``steps_offset`` to 1 (with a warning); so does from_diffusers."""
+    old = diffusers.DDIMScheduler.from_config({**dict(components["scheduler"].config), "steps_offset": 0})
+    parts = {**components, "scheduler": old}
+    with pytest.warns(UserWarning, match="steps_offset=0"):
+        ours = CycleDiffusionPipeline.from_diffusers(**parts)
+    assert old.config.steps_offset == 0  # the caller's scheduler is left alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = diffusers.CycleDiffusionPipeline(
+            **{**parts, "scheduler": diffusers.DDIMScheduler.from_config(old.config)},
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    theirs.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", source_prompt="a blue circle", image=images(1)[0], strength=0.8,
+                  num_inference_steps=10, guidance_scale=3.0, eta=0.1, output_type="np")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs(generator=torch.Generator().manual_seed(3), **kwargs).images
+    got = ours(generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert np.abs(got - expected).max() <= 1e-4
+
+
 def test_skips_the_unconditional_source_pass(components):
     """With source guidance 1 the source chain needs no unconditional prediction: 3 rows per call, not 4."""
     ours = CycleDiffusionPipeline.from_diffusers(**components)

@@ -159,7 +159,18 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
         generator=[torch.Generator().manual_seed(args.seed + i) for i in range(n)],
         method=args.method,
         output_type="pt",
+        mask_image=open_mask(args.mask) if getattr(args, "mask", None) else None,
     )
+
+
+def open_mask(path: str):
+    """The mask image as stored (its mode is checked by the pipeline: one channel, binary)."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--mask {path} does not exist")
+    with Image.open(path) as image:
+        return image.copy()
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -353,16 +364,17 @@ def build_parser() -> Parser:
 
 
 def add_edit_flags(p: argparse.ArgumentParser) -> None:
-    from .pipelines.cycle import METHODS, CycleDiffusionPipeline
+    from .pipelines import METHODS, CycleDiffusionPipeline
 
     call = CycleDiffusionPipeline.__call__
     flag(p, "--image", required=True, help="input image")
     flag(p, "--method", choices=list(METHODS), default=api_default(call, "method"), help=", ".join(METHODS))
+    flag(p, "--mask", default=None, help="where to edit: a one-channel black/white image of the input's size")
     flag(p, "--strength", type=float, default=api_default(call, "strength"), help="how far into the chain, in [0, 1]")
     flag(p, "--eta", type=float, default=api_default(call, "eta"), help="DDIM stochasticity, > 0 for cycle")
     flag(p, "--guidance", type=float, default=None, help="guidance of the target chain (default: the model's own)")
     flag(p, "--source-guidance", type=float, default=api_default(call, "source_guidance_scale"))
-    flag(p, "--steps", type=positive_int, default=100, help="steps of the full chain (default 100)")
+    flag(p, "--steps", type=positive_int, default=api_default(call, "num_inference_steps"), help="steps of the chain")
     flag(p, "--seed", type=int, default=0)
     flag(p, "--num-images", type=positive_int, default=1, help="edits per prompt")
     flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")

@@ -243,12 +243,33 @@ class NoiseProcessBase:
         """
         if eta <= 0:
             raise ValueError(f"CycleDiffusion needs eta > 0 (its noises are the sampler's); got eta={eta}")
-        target_process = target_process or self
         x_src_prev = self.dpm_encode_step(x_src, x0, t, t_prev, eta, generator, last)
+        x_tgt_prev = self.coupled_step(
+            x_src, src_prediction, x_src_prev, x_tgt, tgt_prediction, t, t_prev, eta, target_process
+        )
+        return x_src_prev, x_tgt_prev
+
+    def coupled_step(
+        self,
+        x_src: torch.Tensor,
+        src_prediction: torch.Tensor,
+        x_src_prev: torch.Tensor,
+        x_tgt: torch.Tensor,
+        tgt_prediction: torch.Tensor,
+        t: Time,
+        t_prev: Time,
+        eta: float,
+        target_process: NoiseProcessBase | None = None,
+    ) -> torch.Tensor:
+        """The target's DDIM(eta) step with the noise that took the source branch from ``x_src`` to ``x_src_prev``:
+        ``mu_tgt + (x_src_prev - mu_src)``, the update the CycleDiffusion family shares (they differ in how
+        ``x_src_prev`` is drawn). ``target_process`` converts the target's prediction when it comes from another
+        model of the same path."""
+        target_process = target_process or self
         sigma = self.ddim_sigma(t, t_prev, eta, x_src)
         mu_src = self.ddim_mean(*self.to_x0_eps(src_prediction, x_src, t), t_prev, sigma)
         mu_tgt = self.ddim_mean(*target_process.to_x0_eps(tgt_prediction, x_tgt, t), t_prev, sigma)
-        return x_src_prev, (mu_tgt + (x_src_prev - mu_src)).to(x_tgt.dtype)
+        return (mu_tgt + (x_src_prev - mu_src)).to(x_tgt.dtype)
 
 
 def randn(

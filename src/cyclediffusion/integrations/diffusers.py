@@ -9,6 +9,7 @@ the library that imports diffusers or transformers (``pip install 'cyclediffusio
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,24 @@ def noise_process_from_scheduler(scheduler: Any) -> GaussianDiffusion:
     return process
 
 
+def with_steps_offset_one(scheduler: Any) -> Any:
+    """``scheduler``, or a copy with ``steps_offset`` 1 (and a warning) when its config says otherwise: the fix-up
+    that diffusers' Stable Diffusion and CycleDiffusion pipelines apply to outdated configs in their constructors
+    (they rewrite the scheduler's config in place; the caller's scheduler is left alone here)."""
+    offset = getattr(scheduler.config, "steps_offset", 1)
+    if offset == 1:
+        return scheduler
+    warnings.warn(
+        f"the scheduler config has steps_offset={offset}; using 1 as diffusers' Stable Diffusion pipelines do "
+        "(update scheduler_config.json to silence this)",
+        stacklevel=3,
+    )
+    return type(scheduler).from_config({**dict(scheduler.config), "steps_offset": 1})
+
+
 def wrap_stable_diffusion(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any) -> dict[str, Any]:
-    """Our pipeline components around Stable Diffusion's."""
+    """Our pipeline components around Stable Diffusion's (the scheduler fixed up by :func:`with_steps_offset_one`)."""
+    scheduler = with_steps_offset_one(scheduler)
     return {
         "tokenizer": CLIPTokenizerAdapter(tokenizer),
         "text_encoder": CLIPTextEncoder(text_encoder),

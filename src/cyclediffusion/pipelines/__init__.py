@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .base import DiffusionPipeline, Guidance, ImagePipelineOutput, PromptEmbeds
 from .caption import CaptionPipeline
-from .cycle import METHODS, CycleDiffusionPipeline, edit, translate
+from .cycle import CycleDiffusionPipeline, translate
+from .edit import METHODS, edit
 from .storage import NotAPipelineError
 from .text2image import Text2ImagePipeline
 

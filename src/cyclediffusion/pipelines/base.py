@@ -24,9 +24,11 @@ GUIDANCE_KEY = "_guidance_scale"  # model_index.json: the guidance a call uses w
 
 @dataclass
 class ImagePipelineOutput:
-    """``images``: a list of PIL images, a (B, H, W, 3) float array in [0, 1], or a (B, 3, H, W) tensor."""
+    """``images``: a list of PIL images, a (B, H, W, 3) float array in [0, 1], or a (B, 3, H, W) tensor; ``nfe``:
+    denoiser evaluations per image (edits report it)."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
+    nfe: float | None = None
 
 
 @dataclass

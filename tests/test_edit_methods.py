@@ -1,0 +1,111 @@
+"""The edit core's methods: exact reconstruction for each (every model kind, batches), masks that keep everything
+outside as the source's, network evaluations per edit, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_edit import MODELS, cycle_pipeline, pictures, saved_model  # noqa: F401
+
+from cyclediffusion.pipelines.edit import MASKED_METHODS
+
+
+def methods_for(process: str) -> list[str]:
+    return ["cycle", "ef_ddpm"] + (["flowedit"] if process == "flow" else [])
+
+
+CASES = [(*model, method) for model in MODELS for method in methods_for(model[1])]
+
+
+@pytest.mark.parametrize("backbone,process,vae,options,method", CASES)
+def test_each_method_gives_back_the_input_when_nothing_changes(one_thread, backbone, process, vae, options, method):
+    pipe = cycle_pipeline(backbone, process, vae, **options)
+    image = pictures(2)
+    x0 = pipe.image_latents(image, 2, 1, torch.Generator().manual_seed(3))
+    kwargs = dict(num_inference_steps=12, guidance_scale=2.0, source_guidance_scale=2.0, output_type="latent",
+                  eta=1.0 if method == "ef_ddpm" else 0.1, method=method)  # fmt: skip
+    prompts = ["a red square", "a blue circle"]
+    out = pipe(prompts, prompts, image, generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert (out - x0).abs().max() <= 1e-4
+    changed = pipe(prompts[::-1], prompts, image, generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert (changed - x0).abs().max() > 1e-2
+
+
+def square_mask(size: int = 16, lo: int = 4, hi: int = 12) -> Image.Image:
+    mask = np.zeros((size, size), np.uint8)
+    mask[lo:hi, lo:hi] = 255
+    return Image.fromarray(mask, mode="L")
+
+
+@pytest.mark.parametrize("method", MASKED_METHODS)
+def test_a_mask_keeps_everything_outside_as_the_source(one_thread, method):
+    process = "flow" if method == "flowedit" else "ddpm"
+    pipe = cycle_pipeline("unet", process, vae=True)
+    image = pictures(1)
+    kwargs = dict(num_inference_steps=8, guidance_scale=3.0, method=method, eta=0.5, mask_image=square_mask())
+    out = pipe("a blue circle", "a red square", image, generator=torch.Generator().manual_seed(0), output_type="np",
+               **kwargs).images  # fmt: skip
+    source = image[0].permute(1, 2, 0).numpy()
+    outside = np.asarray(square_mask()) == 0
+    assert np.abs(out[0][outside] - source[outside]).max() < 1e-6  # PSNR outside: infinite
+    assert np.abs(out[0][~outside] - source[~outside]).mean() > 1e-2  # and the inside is edited
+    latents = pipe("a blue circle", "a red square", image, generator=torch.Generator().manual_seed(0),
+                   output_type="latent", **kwargs).images  # fmt: skip
+    x0 = pipe.image_latents(image, 1, 1, torch.Generator().manual_seed(0))
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1:3, 1:3] = False  # latent cells that touch the mask are editable (4x down: pixels 4..11 -> cells 1..2)
+    torch.testing.assert_close(latents[0][:, keep], x0[0][:, keep])
+    pil = pipe("a blue circle", "a red square", image, generator=torch.Generator().manual_seed(0), **kwargs).images
+    expected = (source * 255).round().astype(np.uint8)
+    assert (np.asarray(pil[0])[outside] == expected[outside]).all()
+
+
+def test_network_evaluations_per_edit(one_thread):
+    pipe = cycle_pipeline("unet", "flow", vae=True)
+    image = pictures(1)
+    kwargs = dict(num_inference_steps=10, strength=0.5, guidance_scale=3.0, source_guidance_scale=1.0)
+    # 5 steps run; target cond + uncond and source cond (no unconditional pass at guidance 1) per step
+    per_step = {"cycle": 3, "ef_ddpm": 3, "flowedit": 3, "sdedit": 2, "ddim_inversion": 3}
+    for method, rows in per_step.items():
+        out = pipe("a blue circle", "a red square", image, method=method, eta=0.5, output_type="latent", **kwargs)
+        assert out.nfe == 5 * rows, method
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"mask_image": square_mask().convert("RGB")}, "single-channel"),
+        ({"mask_image": np.full((16, 16), 0.5)}, "binary"),
+        ({"mask_image": square_mask(8, 2, 6)}, "mask_image is 8x8 but the image is 16x16"),
+        ({"mask_image": np.zeros((3, 16, 16))}, "one channel"),
+        ({"mask_image": square_mask(), "method": "ddim_inversion"}, "no source branch"),
+        ({"mask_image": [square_mask()] * 3}, "3 masks for 2 prompts"),
+        ({"method": "flowedit"}, "flow-matching"),
+        ({"method": "ef_ddpm", "eta": 0.0}, "eta > 0"),
+    ],
+)
+def test_bad_masks_and_methods_are_refused_clearly(kwargs, message):
+    pipe = cycle_pipeline()
+    args = {"prompt": ["a red square", "a blue circle"], "source_prompt": "a blue circle", "image": pictures(1)}
+    with pytest.raises(ValueError, match=message):
+        pipe(**{**args, **kwargs}, num_inference_steps=2)
+
+
+def test_cli_edit_with_a_mask(saved_model, capsys):  # noqa: F811
+    from cyclediffusion.cli import main
+
+    square_mask().save(saved_model / "mask.png")
+    square_mask().convert("RGB").save(saved_model / "rgb.png")
+    args = ["edit", "--model", str(saved_model / "run"), "--image", str(saved_model / "in.png")]
+    args += ["--source-prompt", "a red square", "--prompt", "a blue circle", "--steps", "4", "--method", "ef_ddpm"]
+    args += ["--eta", "1"]
+    assert main([*args, "--mask", str(saved_model / "mask.png"), "--out", str(saved_model / "e.png")]) == 0
+    edited, source = np.asarray(Image.open(saved_model / "e.png")), np.asarray(Image.open(saved_model / "in.png"))
+    outside = np.asarray(square_mask()) == 0
+    assert (edited[outside] == source[outside]).all()
+    capsys.readouterr()
+    assert main([*args, "--mask", str(saved_model / "rgb.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "single-channel" in err[0]
