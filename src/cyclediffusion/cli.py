@@ -110,13 +110,24 @@ def cmd_caption(args: argparse.Namespace) -> None:
         print(caption if len(captions) == 1 else f"{path}: {caption}")
 
 
+def with_dtype(pipe, requested: str):
+    """``pipe`` cast to the ``--dtype`` (``auto``: bf16 where the device computes it natively); says why."""
+    import torch
+
+    from .precision import choose_dtype
+
+    dtype, why = choose_dtype(requested, pipe.device)
+    logging.getLogger("cyclediffusion").info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
+    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     from .images import save_images
     from .pipelines import Text2ImagePipeline
 
-    pipe = Text2ImagePipeline.from_pretrained(args.model, device=pick_device(args.device))
+    pipe = with_dtype(Text2ImagePipeline.from_pretrained(args.model, device=pick_device(args.device)), args.dtype)
     check_scheduler(pipe, args.scheduler, args.model)
     n = args.num_images
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(args.prompt) * n)]
@@ -178,7 +189,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from .pipelines import CycleDiffusionPipeline
 
     image = open_image(args.image)
-    pipe = CycleDiffusionPipeline.from_pretrained(args.model, device=pick_device(args.device))
+    pipe = with_dtype(CycleDiffusionPipeline.from_pretrained(args.model, device=pick_device(args.device)), args.dtype)
     images = pipe(args.prompt, args.source_prompt, image, **edit_options(args)).images
     save_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
 
@@ -189,8 +200,8 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
     image = open_image(args.image)
     device = pick_device(args.device)
-    source = CycleDiffusionPipeline.from_pretrained(args.source_model, device=device)
-    target = CycleDiffusionPipeline.from_pretrained(args.target_model, device=device)
+    source = with_dtype(CycleDiffusionPipeline.from_pretrained(args.source_model, device=device), args.dtype)
+    target = with_dtype(CycleDiffusionPipeline.from_pretrained(args.target_model, device=device), args.dtype)
     prompt = args.prompt or [args.source_prompt]
     options = edit_options(args)
     if args.guidance is None:
@@ -336,13 +347,14 @@ def build_parser() -> Parser:
     flag(p, "--negative-prompt", default=None)
     flag(p, "--steps", type=positive_int, default=api_default(call, "num_inference_steps"))
     flag(p, "--guidance", type=float, default=None, help="guidance (default: the model's own)")
-    flag(p, "--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None)
+    flag(p, "--sampler", choices=["ddim", "ddpm", "euler", "heun", "dpm++2m"], default=None)
     flag(p, "--scheduler", choices=["ddpm", "flow"], default=None, help="check the model's noise process")
     flag(p, "--eta", type=float, default=api_default(call, "eta"))
     flag(p, "--seed", type=int, default=0)
     flag(p, "--num-images", type=positive_int, default=1)
     flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")
     flag(p, "--device", default="auto")
+    add_dtype_flag(p)
     flag(p, "--out", default="sample.png")
     p.set_defaults(func=cmd_sample)
 
@@ -363,6 +375,13 @@ def build_parser() -> Parser:
     return parser
 
 
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    from .precision import DTYPES
+
+    choices = ["auto", *DTYPES]
+    flag(p, "--dtype", choices=choices, default="auto", help="auto: bfloat16 where the device computes it natively")
+
+
 def add_edit_flags(p: argparse.ArgumentParser) -> None:
     from .pipelines import METHODS, CycleDiffusionPipeline
 
@@ -379,6 +398,7 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--num-images", type=positive_int, default=1, help="edits per prompt")
     flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")
     flag(p, "--device", default="auto")
+    add_dtype_flag(p)
     flag(p, "--out", default="edited.png")
 
 

@@ -18,6 +18,7 @@ import torch
 from .data.shapes import ShapesConfig, write_imagefolder
 from .images import make_grid, save_image
 from .pipelines import Text2ImagePipeline
+from .precision import choose_precision
 from .recipes import DEFAULT_GUIDANCE
 from .training.options import DataOptions, ModelOptions, RunOptions, VAEOptions
 
@@ -75,8 +76,7 @@ def run_demo(
     start = time.perf_counter()
     deadline = start + minutes * 60
     timings: dict[str, float] = {}
-    gpu = torch.cuda.is_available()
-    precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32"
+    precision = choose_precision("auto")[0]
 
     for stale in ("vae", "t2i"):  # a demo starts afresh (the data is kept)
         shutil.rmtree(out / stale, ignore_errors=True)

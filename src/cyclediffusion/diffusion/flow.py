@@ -15,7 +15,7 @@ from ..config import Configurable
 from .base import Generator, ModelFn, NoiseProcessBase, StepCallback, broadcast, expand_time
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "dpm++2m")
 TIME_SCALE = 1000.0
 
 
@@ -125,7 +125,8 @@ class FlowMatching(NoiseProcessBase, Configurable):
         generator: Generator = None,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Integrate the ODE from noise (t = 1) to data (t = 0) with ``euler`` (default) or ``heun`` steps.
+        """Integrate the ODE from noise (t = 1) to data (t = 0) with ``euler`` (default), ``heun`` or ``dpm++2m``
+        (DPM-Solver++(2M), second order at one call per step) steps.
 
         Heun uses two network calls per step except the last (to t = 0), which is an Euler step.
         These samplers are deterministic: ``eta`` must be 0 and ``generator`` is unused (the stochastic DDIM
@@ -133,9 +134,11 @@ class FlowMatching(NoiseProcessBase, Configurable):
         """
         sampler = sampler or "euler"
         if eta != 0:
-            raise ValueError(f"eta={eta}: the flow samplers (euler, heun) are deterministic; eta must be 0")
+            raise ValueError(f"eta={eta}: the flow samplers ({', '.join(SAMPLERS)}) are deterministic; eta must be 0")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for flow matching; choose from {SAMPLERS}")
+        if sampler == "dpm++2m":
+            return self.dpm_solver_2m(model_fn, noise, self.grid(num_inference_steps), callback)
         x = noise
         times = self.times(num_inference_steps).tolist()
         batch = x.shape[0]

@@ -19,7 +19,7 @@ from .schedules import BETA_SCHEDULES, SPACINGS, make_betas, spaced_timesteps
 
 PREDICTION_TYPES = ("epsilon", "x0", "v_prediction")
 _ALIASES = {"sample": "x0", "v": "v_prediction", "eps": "epsilon"}
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpm++2m")
 
 
 def canonical_prediction_type(name: str) -> str:
@@ -204,11 +204,16 @@ class GaussianDiffusion(NoiseProcessBase, Configurable):
         generator: Generator = None,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Draw ``x0`` from pure noise: ``ddim`` (default; given eta) or ``ddpm`` (ancestral, eta = 1)."""
+        """Draw ``x0`` from pure noise: ``ddim`` (default; given eta), ``ddpm`` (ancestral, eta = 1) or ``dpm++2m``
+        (DPM-Solver++(2M), deterministic, for few steps)."""
         sampler = sampler or "ddim"
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for Gaussian diffusion; choose from {SAMPLERS}")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if sampler == "dpm++2m":
+            if eta != 0:
+                raise ValueError(f"eta={eta}: dpm++2m is deterministic; eta must be 0")
+            return self.dpm_solver_2m(model_fn, noise, self.grid(num_inference_steps, spacing), callback)
         eta = 1.0 if sampler == "ddpm" else eta
         return self.denoise(model_fn, noise, self.grid(num_inference_steps, spacing), eta, generator, callback)

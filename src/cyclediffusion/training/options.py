@@ -14,6 +14,7 @@ from typing import Any
 
 from ..models import AutoencoderKL
 from ..options import option
+from ..precision import PRECISIONS
 from ..recipes import DEFAULT_GUIDANCE, DEFAULT_PROMPTS, build_denoiser, build_noise_process, build_text_encoder
 from ..text import Tokenizer
 from .repa import REPA_ENCODERS
@@ -72,7 +73,9 @@ class RunOptions:
         "LR after warmup (cosine: to zero at the end of the steps or minutes)",
         choices=("constant", "cosine"),
     )
-    precision: str = option("32", "Lightning precision", choices=("32", "bf16-mixed", "16-mixed", "32-true"))
+    precision: str = option(
+        "auto", "Lightning precision (auto: bf16-mixed on CUDA or a CPU with native bf16, else 32)", choices=PRECISIONS
+    )
     accumulate: int = option(1, "gradient accumulation steps", parse=positive_int)
     grad_clip: float | None = option(1.0, "gradient norm clip (0: off)")
     devices: int | str = option(1, "number of devices (or 'auto')", parse=devices_arg)

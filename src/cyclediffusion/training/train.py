@@ -35,6 +35,7 @@ from ..options import to_plain
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline
 from ..pipelines.storage import find_pipeline, resolve_model_dir
+from ..precision import choose_precision
 from ..recipes import build_captioner, build_vae
 from .callbacks import (
     EMA,
@@ -142,6 +143,8 @@ def fit(
     all_callbacks.append(MetricsFile(out / "logs" / "metrics.jsonl", run.log_every))
     if run.progress:
         all_callbacks.append(RunProgressBar(steps, run.minutes))
+    precision, why = choose_precision(run.precision, run.accelerator)
+    log.info("precision %s (%s)", precision, why)
     trainer = L.Trainer(
         max_steps=steps if steps is not None else -1,
         max_time={"minutes": run.minutes} if run.minutes else None,
@@ -149,7 +152,7 @@ def fit(
         accelerator=run.accelerator,
         devices=run.devices,
         strategy=run.strategy,
-        precision=run.precision,
+        precision=precision,
         accumulate_grad_batches=run.accumulate,
         gradient_clip_val=run.grad_clip or None,
         callbacks=all_callbacks,
@@ -178,7 +181,8 @@ def start_run(run: RunOptions, **sections: Any) -> Path:
     plain = {name: to_plain(value) for name, value in {**sections, "run": run}.items()}
     order = ["data", "run", *[k for k in plain if k not in ("data", "run")]]
     text = yaml.safe_dump({k: plain[k] for k in order if k in plain}, sort_keys=False)
-    (out / OPTIONS_NAME).write_text(text)
+    precision, why = choose_precision(run.precision, run.accelerator)
+    (out / OPTIONS_NAME).write_text(f"{text}# precision {run.precision} -> {precision} ({why})\n")
     L.seed_everything(run.seed, verbose=False)
     return out
 
