@@ -1,6 +1,7 @@
 """Tiny Stable Diffusion components built from configs (nothing downloaded): diffusers' ``UNet2DConditionModel``,
 ``AutoencoderKL`` and ``DDIMScheduler`` and transformers' ``CLIPTextModel`` with a ``CLIPTokenizer`` read from a
-small local vocab and merges file. Used by ``edit_speed.py`` and by the diffusers parity tests."""
+small local vocab and merges file; and a tiny transformers Pix2Struct captioner (model + processor). Used by
+``edit_speed.py``, ``examples/seed_system.py`` and the tests."""
 
 from __future__ import annotations
 
@@ -102,3 +103,66 @@ def tiny_stable_diffusion(folder: Path, layers_per_block: int = 1, seed: int = 0
     for module in (unet, vae, text_encoder):
         module.eval()
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+P2S_WORDS = "a an red blue green yellow square circle triangle above below left right of the to and two three"
+
+
+def tiny_pix2struct_folder(path):
+    """A Pix2Struct model and processor (word-level T5 tokenizer, 4x4 patches, 64 patches at most) saved to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Pix2StructConfig,
+        Pix2StructForConditionalGeneration,
+        Pix2StructProcessor,
+        T5TokenizerFast,
+    )
+    from transformers.models.pix2struct.image_processing_pil_pix2struct import Pix2StructImageProcessorPil
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *P2S_WORDS.split()])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)  # fmt: skip
+    processor = Pix2StructProcessor(
+        Pix2StructImageProcessorPil(patch_size={"height": 4, "width": 4}, max_patches=64), tokenizer
+    )
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "num_attention_heads": 2, "d_kv": 16, "d_ff": 64, "num_layers": 1}
+    config = Pix2StructConfig(
+        text_config={**small, "vocab_size": len(vocab), "num_layers": 1, "decoder_start_token_id": 0},
+        vision_config={**small, "patch_embed_hidden_size": 48, "num_hidden_layers": 1},
+    )
+    model = Pix2StructForConditionalGeneration(config)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
+def tiny_stable_diffusion_folder(path: Path, scheduler: str = "ddpm") -> Path:
+    """The tiny components saved as a diffusers Stable Diffusion folder (``StableDiffusionPipeline.save_pretrained``,
+    safetensors) with the seed's ``DDPMScheduler`` (or ``ddim``)."""
+    import warnings
+
+    import diffusers
+
+    path = Path(path)
+    parts = tiny_stable_diffusion(path / "clip")
+    if scheduler == "ddpm":
+        parts["scheduler"] = diffusers.DDPMScheduler.from_config(parts["scheduler"].config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = diffusers.StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    sd.save_pretrained(path / "sd", safe_serialization=True)
+    return path / "sd"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write a tiny Stable Diffusion folder and a tiny Pix2Struct folder")
+    parser.add_argument("--out", default="runs/tiny")
+    out = Path(parser.parse_args().out)
+    print(f"wrote {tiny_stable_diffusion_folder(out)} and {tiny_pix2struct_folder(out / 'pix2struct')}")

@@ -3,6 +3,9 @@ differentiable patch flattening, which equals the processor's, and trained again
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,40 +18,8 @@ from cyclediffusion.training.caption_loss import CycleLoss
 from cyclediffusion.training.train import load_captioner
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = "a an red blue green yellow square circle triangle above below left right of the to and two three"
-
-
-def tiny_pix2struct_folder(path):
-    """A Pix2Struct model and processor (word-level T5 tokenizer, 4x4 patches, 64 patches at most) saved to ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        Pix2StructConfig,
-        Pix2StructForConditionalGeneration,
-        Pix2StructProcessor,
-        T5TokenizerFast,
-    )
-    from transformers.models.pix2struct.image_processing_pil_pix2struct import Pix2StructImageProcessorPil
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS.split()])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                extra_ids=0)  # fmt: skip
-    processor = Pix2StructProcessor(
-        Pix2StructImageProcessorPil(patch_size={"height": 4, "width": 4}, max_patches=64), tokenizer
-    )
-    torch.manual_seed(0)
-    small = {"hidden_size": 32, "num_attention_heads": 2, "d_kv": 16, "d_ff": 64, "num_layers": 1}
-    config = Pix2StructConfig(
-        text_config={**small, "vocab_size": len(vocab), "num_layers": 1, "decoder_start_token_id": 0},
-        vision_config={**small, "patch_embed_hidden_size": 48, "num_hidden_layers": 1},
-    )
-    model = Pix2StructForConditionalGeneration(config)
-    model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
-    return path
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from tiny_sd import tiny_pix2struct_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,33 +5,17 @@ that ``StableDiffusionPipeline`` loads and samples; the frozen parts stay as the
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_pix2struct import tiny_pix2struct_folder
-from test_training import metrics, tiny_run, write_folder
-
-from cyclediffusion.training import DataOptions, ModelOptions, train_text2image
+from test_training import metrics
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from tiny_sd import tiny_stable_diffusion  # noqa: E402
-
-
-def sd_folder(path: Path) -> Path:
-    parts = tiny_stable_diffusion(path / "clip")
-    parts["scheduler"] = diffusers.DDPMScheduler.from_config(parts["scheduler"].config)  # the seed's scheduler
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sd = diffusers.StableDiffusionPipeline(
-            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    sd.save_pretrained(path / "sd", safe_serialization=True)
-    return path / "sd"
+from tiny_sd import tiny_pix2struct_folder, tiny_stable_diffusion_folder  # noqa: E402
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,19 +26,23 @@ def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fine_tune_stable_diffusion_with_a_pix2struct_cycle_loss(tmp_path):
-    source = sd_folder(tmp_path)
+def test_fine_tune_stable_diffusion_with_a_pix2struct_cycle_loss(tmp_path, capsys):
+    """The README's commands: tiny folders, shapes data, ``cyclediffusion train --init-from SD --captioner P2S``."""
+    from cyclediffusion.cli import main
+
+    source = tiny_stable_diffusion_folder(tmp_path)
+    reader = tiny_pix2struct_folder(tmp_path / "pix2struct")
     original = diffusers.StableDiffusionPipeline.from_pretrained(source, safety_checker=None)
-    data = DataOptions(data=str(write_folder(tmp_path / "data", n=8, size=32)), image_size=32, cache_latents=True)
-    model = ModelOptions(
-        init_from=str(source), captioner=str(tiny_pix2struct_folder(tmp_path / "p2s")), train_text_encoder=False
-    )
-    out = train_text2image(data, tiny_run(tmp_path / "run", steps=2, batch_size=2, lr=1e-2), model)
-    rows = metrics(tmp_path / "run")
+    assert main(["data", "shapes", "--out", str(tmp_path / "data"), "--n", "8", "--size", "32"]) == 0
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "data"), "--out", str(run), "--image-size", "32", "--cache-latents"]
+    args += ["--init-from", str(source), "--captioner", str(reader), "--no-train-text-encoder", "--steps", "2"]
+    assert main([*args, "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--no-progress"]) == 0
+    rows = metrics(run)
     assert len(rows) == 2 and all(r["train/cycle_loss"] > 0 for r in rows)
 
-    tuned = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
-    assert not list(Path(out).rglob("*.bin"))  # safetensors only
+    tuned = diffusers.StableDiffusionPipeline.from_pretrained(run / "model", safety_checker=None)
+    assert not list((run / "model").rglob("*.bin"))  # safetensors only
     assert changed(state(original.unet), state(tuned.unet))
     assert not changed(state(original.vae), state(tuned.vae))
     assert not changed(state(original.text_encoder), state(tuned.text_encoder))
