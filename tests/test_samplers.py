@@ -35,8 +35,9 @@ def test_dpm_solver_matches_diffusers(prediction_type, steps):
 
 
 def test_dpm_solver_is_second_order_on_the_flow_path():
-    """Data ~ N(0, s^2): E[x0 | x_t] is linear in x_t, so the exact velocity is known; a 4000-step Euler run is the
-    reference solution of the ODE."""
+    """Data ~ N(0, s^2): E[x0 | x_t] is linear in x_t, so the exact velocity is known; an 8000-step Euler run is the
+    reference solution of the ODE. (The last step lands on the estimate of x0, as diffusers' does, which costs
+    O(t_last^2) against the ODE's own end point.)"""
     process, s = create_noise_process("flow"), 0.5
 
     def velocity(x: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
@@ -46,11 +47,14 @@ def test_dpm_solver_is_second_order_on_the_flow_path():
         return (eps - x0).float()
 
     noise = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
-    exact = process.sample(velocity, noise, 4000, sampler="euler")
-    for steps in (6, 10):
-        euler = (process.sample(velocity, noise, steps, sampler="euler") - exact).abs().max()
-        dpm = (process.sample(velocity, noise, steps, sampler="dpm++2m") - exact).abs().max()
-        assert dpm < 0.3 * euler, (steps, float(dpm), float(euler))
+    exact = process.sample(velocity, noise, 8000, sampler="euler")
+
+    def error(steps: int, sampler: str) -> float:
+        return float((process.sample(velocity, noise, steps, sampler=sampler) - exact).abs().max())
+
+    for steps in (10, 20):  # measured: 0.010 against 0.230, 0.019 against 0.119
+        assert error(steps, "dpm++2m") < 0.25 * error(steps, "euler"), steps
+    assert error(20, "dpm++2m") < error(10, "heun")  # the same 20 network calls
     with pytest.raises(ValueError, match="deterministic"):
         process.sample(velocity, noise, 4, sampler="dpm++2m", eta=0.5)
 
