@@ -171,6 +171,20 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
         method=args.method,
         output_type="pt",
         mask_image=open_mask(args.mask) if getattr(args, "mask", None) else None,
+        coupling=coupling_of(args),
+    )
+
+
+def coupling_of(args: argparse.Namespace):
+    """The attention coupling the flags ask for (None without --couple-cross / --couple-self)."""
+    from .pipelines.coupling import AttentionCoupling
+
+    cross, self_ = getattr(args, "couple_cross", None), getattr(args, "couple_self", None)
+    if cross is None and self_ is None:
+        return None
+    default = AttentionCoupling()
+    return AttentionCoupling(
+        default.cross_steps if cross is None else cross, default.self_steps if self_ is None else self_
     )
 
 
@@ -389,6 +403,9 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--image", required=True, help="input image")
     flag(p, "--method", choices=list(METHODS), default=api_default(call, "method"), help=", ".join(METHODS))
     flag(p, "--mask", default=None, help="where to edit: a one-channel black/white image of the input's size")
+    flag(p, "--couple-cross", type=float, default=None, help="share of the steps the target reuses the source's "
+         "cross-attention for shared words (prompt-to-prompt; default with --couple-self: 0.8)")  # fmt: skip
+    flag(p, "--couple-self", type=float, default=None, help="share of the steps it reuses the source's self-attention")
     flag(p, "--strength", type=float, default=api_default(call, "strength"), help="how far into the chain, in [0, 1]")
     flag(p, "--eta", type=float, default=api_default(call, "eta"), help="DDIM stochasticity, > 0 for cycle")
     flag(p, "--guidance", type=float, default=None, help="guidance of the target chain (default: the model's own)")

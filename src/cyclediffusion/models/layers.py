@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,8 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
         self.heads = heads
+        self.is_cross = context_dim is not None
+        self.processor: AttentionProcessor | None = None  # None: scaled_dot_product_attention
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim, dim, bias=bias)
@@ -74,8 +77,31 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (z.view(b, -1, self.heads, z.shape[-1] // self.heads).transpose(1, 2) for z in (q, k, v))
         attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        if self.processor is not None:
+            out = self.processor(self, q, k, v, attn_mask, causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+AttentionProcessor = Callable[[Attention, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool],
+                              torch.Tensor]  # fmt: skip
+"""``processor(attention, q, k, v, attn_mask, causal) -> out``: (B, heads, N, d) tensors, ``attn_mask`` (B, 1, 1, M)
+bool or None. Set on :attr:`Attention.processor` to change how the weights are formed (attention coupling for
+editing) without touching the model's maths elsewhere."""
+
+
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False
+) -> torch.Tensor:
+    """The softmax weights (B, heads, N, M) that ``scaled_dot_product_attention`` applies to the values."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    if causal:
+        n, m = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 class FeedForward(nn.Module):

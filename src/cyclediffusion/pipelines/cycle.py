@@ -25,6 +25,7 @@ from ..config import read_json
 from ..diffusion.base import Generator, StepCallback
 from ..images import ImageInput
 from .base import DiffusionPipeline, ImagePipelineOutput
+from .coupling import AttentionCoupling
 from .edit import MaskInput, edit
 from .storage import INDEX_NAME, resolve_model_dir
 
@@ -83,6 +84,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
         callback_steps: int = 1,
         method: str = "cycle",
         mask_image: MaskInput | None = None,
+        coupling: AttentionCoupling | None = None,
     ) -> ImagePipelineOutput:
         """Edit ``image`` (described by ``source_prompt``) so that it shows ``prompt``.
 
@@ -103,6 +105,8 @@ class CycleDiffusionPipeline(DiffusionPipeline):
                 ``flowedit``; see :mod:`~cyclediffusion.pipelines.edit`.
             mask_image: where to edit (white) and what to keep (black): a single-channel binary image of the
                 input's size, or one per prompt; everything outside stays the source's.
+            coupling: an :class:`~cyclediffusion.pipelines.coupling.AttentionCoupling`: the target branch reuses
+                the source branch's attention weights (prompt-to-prompt) for a share of the steps.
 
         Returns the images, with ``nfe``: denoiser evaluations per edited image.
         """
@@ -124,6 +128,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
             callback_steps=callback_steps,
             method=method,
             mask_image=mask_image,
+            coupling=coupling,
         )
 
 

@@ -23,7 +23,7 @@ the mask and pastes the source pixels there at the end, so everything outside st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,11 +37,13 @@ from ..diffusion.base import Generator, StepCallback, randn
 from ..diffusion.flow import FlowMatching
 from ..images import ImageInput, images_to_tensor
 from .base import DiffusionPipeline, Guidance, ImagePipelineOutput, as_list, broadcast_list, every, expand_rows
+from .coupling import AttentionCoupling, CouplingProcessor, coupled, token_map
 
 METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "sdedit", "flowedit")
 FLOW_METHODS = ("flowedit",)  # flow-matching models only
 GENERAL_METHODS = tuple(m for m in METHODS if m not in FLOW_METHODS)  # for every model
 MASKED_METHODS = ("cycle", "ef_ddpm", "sdedit", "flowedit")  # those with a source branch to blend into
+COUPLED_METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "flowedit")  # a source branch beside the target
 MaskInput = Image.Image | np.ndarray | torch.Tensor | Sequence[Image.Image]
 
 
@@ -63,11 +65,20 @@ def edit(
     callback_steps: int = 1,
     method: str = "cycle",
     mask_image: MaskInput | None = None,
+    coupling: AttentionCoupling | None = None,
 ) -> ImagePipelineOutput:
     """Encode ``image`` with the ``source`` pipeline and decode it with the ``target`` pipeline (the same object
     for an edit, two models for a translation); see :class:`~.cycle.CycleDiffusionPipeline` for the arguments.
     The output's ``nfe`` is the number of denoiser evaluations per edited image."""
     check_arguments(source, method, eta, strength, num_inference_steps, num_images_per_prompt, mask_image)
+    if coupling is not None:
+        if not isinstance(coupling, AttentionCoupling):
+            raise TypeError(f"coupling must be an AttentionCoupling, got {type(coupling).__name__}")
+        if method not in COUPLED_METHODS:
+            raise ValueError(f"method {method!r} has no source branch to couple attention with; use one of "
+                             f"{', '.join(COUPLED_METHODS)}")  # fmt: skip
+        if source is not target:
+            raise ValueError("attention coupling needs one model for both branches (an edit, not a translation)")
     prompts = as_list(prompt, "prompt")
     sources = broadcast_list(as_list(source_prompt, "source_prompt"), len(prompts), "source prompts")
     if source is not target:
@@ -87,7 +98,7 @@ def edit(
     src = source.prompt_guidance(sources, source_guidance_scale, num_images_per_prompt)
     latent_mask = None if mask is None else F.adaptive_max_pool2d(mask, x0.shape[-2:])
     branches = Branches(source, target, src, tgt, x0, grid, eta, generator, every(callback, callback_steps))
-    with count_rows(source, target) as rows:
+    with count_rows(source, target) as rows, branches.coupling(coupling, sources, prompts, num_images_per_prompt):
         x = getattr(branches, method)(latent_mask)
     out = target.postprocess(x, output_type)
     if mask is not None and output_type != "latent":
@@ -141,7 +152,39 @@ class Branches:
         self.source, self.target, self.src, self.tgt = source, target, src, tgt
         self.x0, self.grid, self.eta, self.generator, self.callback = x0, grid, eta, generator, callback
         self.process = source.noise_process
-        self.predict = paired_predictions(source, target, src, tgt)
+        self.paired = paired_predictions(source, target, src, tgt)
+        self.processor: CouplingProcessor | None = None
+        self.shares = (0.0, 0.0)
+
+    @contextmanager
+    def coupling(
+        self, coupling: AttentionCoupling | None, sources: list[str], prompts: list[str], per_prompt: int
+    ) -> Iterator[None]:
+        """Couple the branches' attention inside the block (nothing without ``coupling``)."""
+        if coupling is None:
+            yield
+            return
+        tokenizer = self.source.tokenizer
+        pairs = zip(tokenizer(sources).input_ids.tolist(), tokenizer(prompts).input_ids.tolist())
+        maps = torch.stack([token_map(a, b) for a, b in pairs]).repeat_interleave(per_prompt, dim=0)
+        n = self.x0.shape[0]
+        src_parts = 2 if self.src.guided else 1
+        src_cond = (1 if self.src.guided else 0) * n
+        tgt_cond = src_parts * n + (n if self.tgt.guided else 0)
+        self.processor = CouplingProcessor(maps)
+        self.processor.source_rows = torch.arange(src_cond, src_cond + n, device=self.x0.device)
+        self.processor.target_rows = torch.arange(tgt_cond, tgt_cond + n, device=self.x0.device)
+        self.shares = (coupling.cross_steps, coupling.self_steps)
+        with coupled(self.source.denoiser, self.processor):
+            yield
+
+    def predict(self, i: int, x_src: torch.Tensor, x_tgt: torch.Tensor, t: torch.Tensor):
+        """Both branches' predictions at step ``i`` (coupled for the configured shares of the steps)."""
+        if self.processor is not None:
+            steps = len(self.grid)
+            self.processor.cross = i < self.shares[0] * steps
+            self.processor.self_ = i < self.shares[1] * steps
+        return self.paired(x_src, x_tgt, t)
 
     def report(self, i: int, t: float, x: torch.Tensor) -> None:
         if self.callback is not None:
@@ -157,7 +200,7 @@ class Branches:
         process, last = self.process, len(self.grid) - 1
         x_src = x_tgt = self.noised(self.grid[0][0])
         for i, (t, t_prev) in enumerate(self.grid):
-            src_prediction, tgt_prediction = self.predict(x_src, x_tgt, process.model_time_of(t, x_src))
+            src_prediction, tgt_prediction = self.predict(i, x_src, x_tgt, process.model_time_of(t, x_src))
             x_src_prev = self.x0 if i == last else source_next(i, x_src)
             x_tgt = process.coupled_step(
                 x_src, src_prediction, x_src_prev, x_tgt, tgt_prediction, t, t_prev, self.eta,
@@ -183,9 +226,17 @@ class Branches:
 
     def ddim_inversion(self, mask: torch.Tensor | None) -> torch.Tensor:
         model_fn = lambda x, t: self.source.guided_predictions([x], t, [self.src])[0]  # noqa: E731
-        target_fn = lambda x, t: self.target.guided_predictions([x], t, [self.tgt])[0]  # noqa: E731
         x = self.process.invert(model_fn, self.x0, self.grid)
-        return self.target.noise_process.denoise(target_fn, x, self.grid, 0.0, callback=self.callback)
+        if self.processor is None:
+            target_fn = lambda x, t: self.target.guided_predictions([x], t, [self.tgt])[0]  # noqa: E731
+            return self.target.noise_process.denoise(target_fn, x, self.grid, 0.0, callback=self.callback)
+        x_src = x_tgt = x  # coupled: the source prompt's chain runs beside the target's
+        for i, (t, t_prev) in enumerate(self.grid):
+            src_prediction, tgt_prediction = self.predict(i, x_src, x_tgt, self.process.model_time_of(t, x))
+            x_src = self.process.step(src_prediction, x_src, t, t_prev)
+            x_tgt = self.target.noise_process.step(tgt_prediction, x_tgt, t, t_prev)
+            self.report(i, t, x_tgt)
+        return x_tgt
 
     def sdedit(self, mask: torch.Tensor | None) -> torch.Tensor:
         target_fn = lambda x, t: self.target.guided_predictions([x], t, [self.tgt])[0]  # noqa: E731
@@ -204,7 +255,7 @@ class Branches:
         for i, (t, t_prev) in enumerate(self.grid):
             z_src = self.noised(t)
             z_tgt = z + z_src - self.x0
-            src_prediction, tgt_prediction = self.predict(z_src, z_tgt, process.model_time_of(t, z))
+            src_prediction, tgt_prediction = self.predict(i, z_src, z_tgt, process.model_time_of(t, z))
             v_src = velocity(process, src_prediction, z_src, t)
             v_tgt = velocity(target, tgt_prediction, z_tgt, t)
             z = (z + (t_prev - t) * (v_tgt - v_src)).to(self.x0.dtype)
