@@ -125,7 +125,8 @@ class MetricsFile(L.Callback):
     """Appends the logged metrics to ``metrics.jsonl`` every ``every_n_steps`` (rank 0).
 
     Append-only, so a resumed run keeps its history (steps repeated after a crash appear twice; the
-    later line wins, see :func:`read_metrics`).
+    later line wins, see :func:`read_metrics`). A metric that was not logged again since the last line (a term
+    that is switched off, or not due) is left out rather than repeated.
     """
 
     def __init__(self, path: str | Path, every_n_steps: int = 25) -> None:
@@ -137,18 +138,22 @@ class MetricsFile(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 or step == 1:
-            self.write(trainer)
+            self.write(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer)  # the last step, whatever the logging interval
+        self.write(trainer, pl_module)  # the last step, whatever the logging interval
 
-    def write(self, trainer: L.Trainer) -> None:
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or step == self._written:
             return
         self._written = step
         row = {"step": step, "time": round(time.perf_counter() - self._start, 3)}
-        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        logged = getattr(pl_module, "logged_names", None)  # what was logged since the last line (StepModule)
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if logged is None or k in logged}
+        row.update({k: float(v) for k, v in metrics.items() if v.numel() == 1})
+        if logged is not None:
+            logged.clear()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

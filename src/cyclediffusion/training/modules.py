@@ -93,6 +93,7 @@ class StepModule(L.LightningModule):
         self.optim = optim
         self.seed = seed
         self.progress = 0.0  # share of the run done: steps of max_steps, or time of the budget (whichever leads)
+        self.logged_names: set[str] = set()  # metrics logged since metrics.jsonl's last line
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run trains at the learning rate it is given now (a lower one after a divergence, say): the
@@ -104,6 +105,11 @@ class StepModule(L.LightningModule):
                 for state in checkpoint.get("optimizer_states", []):
                     for group in state.get("param_groups", []):
                         group["initial_lr"], group["lr"] = self.optim.lr, current
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``, remembering the name for :class:`~.callbacks.MetricsFile`."""
+        self.logged_names.add(name)
+        super().log(name, value, *args, **kwargs)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Before each step: how much of the run is done (``progress``), and of its time budget (Lightning's timer,
