@@ -89,6 +89,8 @@ def test_captioner_encoder_and_bad_choices():
     assert aligned_layer(tiny_denoiser("dit", 4, 4))[1] == 64
     with pytest.raises(ValueError, match="needs a latent model"):
         FrozenEncoder("vae")
+    with pytest.raises(ValueError, match="needs a VAE trained here"):
+        FrozenEncoder("vae", vae=torch.nn.Identity())
     with pytest.raises(ValueError, match="needs --captioner"):
         ModelOptions(repa_weight=0.5, repa_encoder="captioner")
     with pytest.raises(ValueError, match="repa-until"):

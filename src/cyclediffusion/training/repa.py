@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import DiT, UNet
+from ..models import AutoencoderKL, DiT, UNet
 from ..pipelines.caption import CaptionPipeline
 
 REPA_ENCODERS = ("vae", "captioner")
@@ -52,6 +52,8 @@ class FrozenEncoder:
             raise ValueError(f"unknown REPA encoder {kind!r}; choose from {', '.join(REPA_ENCODERS)}")
         if kind == "vae" and vae is None:
             raise ValueError("--repa-encoder vae needs a latent model (--vae)")
+        if kind == "vae" and not isinstance(vae, AutoencoderKL):
+            raise ValueError(f"--repa-encoder vae needs a VAE trained here, not {type(vae).__name__}")
         if kind == "captioner" and captioner is None:
             raise ValueError("--repa-encoder captioner needs --captioner")
         if kind == "captioner" and not isinstance(captioner, CaptionPipeline):
