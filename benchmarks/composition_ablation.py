@@ -5,9 +5,9 @@ colours to objects, count and place things, at equal training time.
     python benchmarks/composition_ablation.py --demo runs/demo --minutes 10 --seeds 0,1,2 --variants base,text
     python benchmarks/composition_ablation.py --quick                                            # seconds, tiny
 
-Every run is ``cyclediffusion train`` with the demo's recipe (flow matching, logit-normal times, "small" U-Net,
-batch 64, lr 1e-3, EMA 0.999) on the data and VAE of a finished ``cyclediffusion demo`` (``--demo``), for
-``--minutes`` of training from scratch, then ShapesEval (``cyclediffusion eval``: 20 prompts per category,
+Every run is ``cyclediffusion train`` with the demo's recipe before immiscible noise joined it (flow matching,
+logit-normal times, "small" U-Net, batch 64, lr 1e-3, EMA 0.999) on the data and VAE of a finished
+``cyclediffusion demo`` (``--demo``), for ``--minutes`` of training from scratch, then ShapesEval (``cyclediffusion eval``: 20 prompts per category,
 ``--samples-per-prompt``, 25 steps, the model's guidance, sampling seed = the training seed). A variant changes
 model options, or the caption world (a new dataset of the same size from the same renderer, encoded by the same
 VAE). The table gives each category's mean ± std over the seeds and the paired difference to ``base``.
@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if not args.captioner:
                     parser.error(f"variant {name} needs --captioner")
                 model_options = {**model_options, "captioner": args.captioner}
-            model = dataclasses.replace(demo_model(demo / "vae"), **model_options)
+            base = dataclasses.replace(
+                demo_model(demo / "vae"), immiscible_noise=False
+            )  # the recipe it was screened on
+            model = dataclasses.replace(base, **model_options)
             if args.quick:
                 model = dataclasses.replace(model, model_size="tiny", text_width=32, text_layers=1)
             options = RunOptions(

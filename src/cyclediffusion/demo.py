@@ -35,6 +35,9 @@ DEMO_WORLD = ShapesConfig(size=IMAGE_SIZE, texture=0.0, kinds=DEMO_KINDS)
 # Flow matching with logit-normal training times: after 5 minutes of training on the demo's data and VAE, ShapesEval
 # single-object accuracy 0.81 against 0.49 for DDPM (v-prediction, cosine, uniform timesteps); shape 0.85 against 0.55.
 SCHEDULER = "flow"
+# Immiscible noise (each latent paired with a nearby noise draw of its batch): ShapesEval overall +0.04 at 5 and
+# 10 minutes of training on the demo's data (README, "Composition"), shapes +0.10 to +0.18.
+IMMISCIBLE = True
 
 
 def demo_prompts() -> list[str]:
@@ -51,6 +54,7 @@ def demo_model(vae: str | Path, backbone: str = "unet", model_size: str = "small
         vae=str(vae),
         sample_prompts=demo_prompts(),
         guidance_scale=DEFAULT_GUIDANCE,
+        immiscible_noise=IMMISCIBLE,
     )
 
 
