@@ -7,10 +7,11 @@ colours to objects, count and place things, at equal training time.
 
 Every run is ``cyclediffusion train`` with the demo's recipe before immiscible noise joined it (flow matching,
 logit-normal times, "small" U-Net, batch 64, lr 1e-3, EMA 0.999) on the data and VAE of a finished
-``cyclediffusion demo`` (``--demo``), for ``--minutes`` of training from scratch, then ShapesEval (``cyclediffusion eval``: 20 prompts per category,
-``--samples-per-prompt``, 25 steps, the model's guidance, sampling seed = the training seed). A variant changes
-model options, or the caption world (a new dataset of the same size from the same renderer, encoded by the same
-VAE). The table gives each category's mean ± std over the seeds and the paired difference to ``base``.
+``cyclediffusion demo`` (``--demo``), for ``--minutes`` of training from scratch, then ShapesEval (``cyclediffusion
+eval``: 20 prompts per category, ``--samples-per-prompt``, 25 steps, the model's guidance, sampling seed = the
+training seed). A variant changes model options, or the caption world (a new dataset of the same size from the same
+renderer, encoded by the same VAE). The table gives each category's mean ± std over the seeds and the paired
+difference to ``base``.
 """
 
 from __future__ import annotations
