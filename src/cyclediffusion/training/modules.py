@@ -434,12 +434,13 @@ class CaptionerModule(StepModule):
         process = pipe.noise_process
         t = process.sample_timesteps(local * world, self.device, g)[rows]
         index = chosen.nonzero().squeeze(1)
-        x0 = pixels if pipe.vae is None else pipe.vae.scale_latents(pipe.vae.encode(pixels).mean).float()
-        noise = self.draw_normal(g, x0.shape)
         if index.numel() == 0:
             return pixels
-        x0, t = x0[index], t[index]
-        x_t = process.add_noise(x0, noise[index], t)
+        chosen_pixels = pixels[index]  # only the rows replaced go through the VAE
+        x0 = chosen_pixels if pipe.vae is None else pipe.vae.scale_latents(pipe.vae.encode(chosen_pixels).mean).float()
+        noise = self.draw_normal(g, (local, *x0.shape[1:]))[index]  # drawn for the global batch, as every step's
+        t = t[index]
+        x_t = process.add_noise(x0, noise, t)
         text = pipe.encode_prompt([captions[i] for i in index.tolist()])
         prediction = pipe.denoiser(x_t, process.model_time(t), text.context, text.pooled, text.mask)
         x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
