@@ -4,18 +4,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo serve test test-slow lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[train,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,test,ui]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cyclediffusion demo
+
+serve: $(STAMP)
+	$(PY) -m cyclediffusion serve --model runs/demo/t2i
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -104,6 +104,15 @@ def tiny_pipeline(
     ).eval()
 
 
+def randomise_zeros(module: torch.nn.Module) -> None:
+    """Zero-initialised output layers predict exactly 0 (and block every gradient but their own): give them
+    something to say."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+
+
 def squares(n: int = 8, size: int = 16) -> torch.Tensor:
     """Fixed images in [-1, 1]: a coloured square on a grey background."""
     g = torch.Generator().manual_seed(1)

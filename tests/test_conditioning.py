@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cycle import randomise_zeros
 from test_training import TINY_FLAGS, cli, final_weights, metrics, run_cli, write_folder
 
 from cyclediffusion import Text2ImagePipeline, TextEncoder, TextEncoderConfig
 from cyclediffusion.models.unet import with_coordinates
 from cyclediffusion.training.options import ModelOptions
 
-from helpers import tiny_denoiser, tiny_tokenizer
+from helpers import randomise_zeros, tiny_denoiser, tiny_tokenizer
 
 
 def encoder(**options) -> TextEncoder:

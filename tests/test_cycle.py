@@ -16,7 +16,7 @@ from cyclediffusion.text import Tokenizer
 from cyclediffusion.training import CycleConfig, DataOptions, train_text2image
 from cyclediffusion.training.modules import DiffusionModule, OptimConfig
 
-from helpers import CAPTIONS, tiny_denoiser, tiny_text_encoder, tiny_tokenizer, tiny_vae
+from helpers import CAPTIONS, randomise_zeros, tiny_denoiser, tiny_text_encoder, tiny_tokenizer, tiny_vae
 
 CONFIGS = [("unet", "ddpm", "vae"), ("dit", "flow", "pixels"), ("unet", "flow", "cached")]
 
@@ -25,14 +25,6 @@ def captioner_pipeline(captions: list[str], seed: int = 0) -> CaptionPipeline:
     """A tiny untrained captioner with a tokenizer of its own (not the text-to-image one)."""
     tokenizer = Tokenizer.train(captions * 2, vocab_size=280, max_length=24)
     return CaptionPipeline(tokenizer, tiny_captioner(tokenizer, seed=seed)).eval()
-
-
-def randomise_zeros(module: torch.nn.Module) -> None:
-    """Zero-initialised output layers would block every gradient but their own at step 0."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(std=0.05)
 
 
 def build(backbone: str, process: str, space: str, weight: float = 1.0, captioner: bool = True, **cycle):

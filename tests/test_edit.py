@@ -8,7 +8,7 @@ import torch
 
 from cyclediffusion import CycleDiffusionPipeline, translate
 
-from helpers import RED, tiny_pipeline, train
+from helpers import RED, randomise_zeros, tiny_pipeline, train
 
 MODELS = [  # (backbone, process, VAE, process options)
     ("unet", "ddpm", False, {"prediction_type": "epsilon"}),
@@ -26,10 +26,7 @@ MODELS = [  # (backbone, process, VAE, process options)
 def cycle_pipeline(backbone="unet", process="ddpm", vae=False, seed=0, **options) -> CycleDiffusionPipeline:
     torch.manual_seed(seed)
     pipe = tiny_pipeline(backbone, process, vae=vae, **options)
-    with torch.no_grad():  # an untrained net predicts exactly 0: give it something to say
-        for p in pipe.denoiser.parameters():
-            if not p.any():
-                p.normal_(std=0.05)
+    randomise_zeros(pipe.denoiser)
     return CycleDiffusionPipeline(**pipe.components).eval()
 
 

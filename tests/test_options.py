@@ -16,7 +16,6 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from test_captioner import tiny_captioner
-from test_cycle import randomise_zeros
 from test_training import TINY_FLAGS, run_cli, write_folder
 
 from cyclediffusion import AutoencoderKL, CaptionPipeline, DiT, Text2ImagePipeline, UNet
@@ -32,7 +31,7 @@ from cyclediffusion.training.options import (
     RunOptions,
 )
 
-from helpers import CAPTIONS, tiny_pipeline, tiny_tokenizer
+from helpers import CAPTIONS, randomise_zeros, tiny_pipeline, tiny_tokenizer
 
 
 def shown(value) -> str:

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from .options import add_flags, given_flags, read_config, resolve, spellings
 from .pipelines.base import pick_device
+from .precision import cast_pipeline
 from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_int
 
 log = logging.getLogger("cyclediffusion")
@@ -110,24 +111,13 @@ def cmd_caption(args: argparse.Namespace) -> None:
         print(caption if len(captions) == 1 else f"{path}: {caption}")
 
 
-def with_dtype(pipe, requested: str):
-    """``pipe`` cast to the ``--dtype`` (``auto``: bf16 where the device computes it natively); says why."""
-    import torch
-
-    from .precision import choose_dtype
-
-    dtype, why = choose_dtype(requested, pipe.device)
-    logging.getLogger("cyclediffusion").info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
-    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     from .images import save_images
     from .pipelines import Text2ImagePipeline
 
-    pipe = with_dtype(Text2ImagePipeline.from_pretrained(args.model, device=pick_device(args.device)), args.dtype)
+    pipe = cast_pipeline(Text2ImagePipeline.from_pretrained(args.model, device=pick_device(args.device)), args.dtype)
     check_scheduler(pipe, args.scheduler, args.model)
     n = args.num_images
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(args.prompt) * n)]
@@ -203,7 +193,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from .pipelines import CycleDiffusionPipeline
 
     image = open_image(args.image)
-    pipe = with_dtype(CycleDiffusionPipeline.from_pretrained(args.model, device=pick_device(args.device)), args.dtype)
+    pipe = CycleDiffusionPipeline.from_pretrained(args.model, device=pick_device(args.device))
+    pipe = cast_pipeline(pipe, args.dtype)
     images = pipe(args.prompt, args.source_prompt, image, **edit_options(args)).images
     save_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
 
@@ -214,14 +205,26 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
     image = open_image(args.image)
     device = pick_device(args.device)
-    source = with_dtype(CycleDiffusionPipeline.from_pretrained(args.source_model, device=device), args.dtype)
-    target = with_dtype(CycleDiffusionPipeline.from_pretrained(args.target_model, device=device), args.dtype)
+    source = cast_pipeline(CycleDiffusionPipeline.from_pretrained(args.source_model, device=device), args.dtype)
+    target = cast_pipeline(CycleDiffusionPipeline.from_pretrained(args.target_model, device=device), args.dtype)
     prompt = args.prompt or [args.source_prompt]
     options = edit_options(args)
     if args.guidance is None:
         options.pop("guidance_scale")  # translate's own default
     images = translate(image, source, target, args.source_prompt, prompt, **options).images
     save_images(images, Path(args.out), nrow=args.num_images, scale=args.scale)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .options import from_mapping
+
+    try:
+        from .ui import Limits, serve
+        from .ui.app import build_app  # noqa: F401  (gradio present?)
+    except ImportError as err:
+        raise UsageError(f"the web UI needs gradio: pip install 'cyclediffusion[ui]' ({err})") from None
+    limits = from_mapping(Limits, {k: v for k, v in given_flags(args).items() if k in Limits.__dataclass_fields__})
+    serve(args.model, args.target_model, args.host, args.port, limits, device=args.device, dtype=args.dtype)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -386,6 +389,18 @@ def build_parser() -> Parser:
     flag(p, "--prompt", action="append", default=None, help="caption under the target model (default: the source's)")
     add_edit_flags(p)
     p.set_defaults(func=cmd_translate)
+
+    from .ui.limits import Limits
+
+    p = sub.add_parser("serve", help="web UI: generate, edit and translate in a browser (needs the ui extra)")
+    flag(p, "--model", required=True, help="run folder or model folder")
+    flag(p, "--target-model", default=None, help="a second model, for the Translate tab")
+    flag(p, "--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    flag(p, "--port", type=int, default=7860)
+    flag(p, "--device", default="auto")
+    add_dtype_flag(p)
+    add_flags(p, Limits, "limits of one request")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

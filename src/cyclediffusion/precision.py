@@ -7,6 +7,9 @@ so fp32 is chosen there. Training asks for a Lightning precision, sampling and e
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed", "32-true")
@@ -59,3 +62,11 @@ def choose_dtype(requested: str, device: str | torch.device) -> tuple[torch.dtyp
     if native:
         return torch.bfloat16, f"auto: this CPU has native bf16 ({what})"
     return torch.float32, f"auto: this CPU has no native bf16 ({what} only)"
+
+
+def cast_pipeline(pipe: Any, requested: str = "auto") -> Any:
+    """``pipe`` cast to the dtype :func:`choose_dtype` picks for its device (``auto``: bf16 where the device
+    computes it natively); logs the choice and why."""
+    dtype, why = choose_dtype(requested, pipe.device)
+    logging.getLogger("cyclediffusion").info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
+    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe

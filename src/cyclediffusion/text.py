@@ -167,6 +167,12 @@ class Tokenizer(Configurable):
     def max_length(self) -> int:
         return self.config.max_length
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` before truncation, ``<bos>`` and ``<eos>`` included (more than
+        :attr:`max_length` means the model would not see the end of it)."""
+        encoding = self.backend.encode(text)
+        return sum(encoding.attention_mask) + sum(sum(o.attention_mask) - 2 for o in encoding.overflowing)
+
     def __len__(self) -> int:
         return self.vocab_size
 

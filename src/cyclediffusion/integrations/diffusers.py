@@ -110,6 +110,14 @@ class CLIPTokenizerAdapter:
         )
         return CLIPTokens(out.input_ids, out.attention_mask)
 
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.model_max_length
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` before truncation, the start and end tokens included."""
+        return len(self.tokenizer(text, truncation=False).input_ids)
+
 
 def noise_process_from_scheduler(scheduler: Any) -> GaussianDiffusion:
     """The :class:`GaussianDiffusion` that takes the same DDIM steps as ``scheduler`` (a DDIM/DDPM scheduler)."""

@@ -132,6 +132,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
         )
 
 
+@torch.no_grad()
 def translate(
     image: ImageInput,
     source_model: DiffusionPipeline | str | Path,
