@@ -125,3 +125,11 @@ def test_composition_ablation_quick(capsys, tmp_path):
     )
     assert list(merged) == ["base", "all", "fast"] and merged["base"] == results["base"]
     assert yaml.safe_load((tmp_path / "fast_s0" / "options.yaml").read_text())["run"]["lr_schedule"] == "cosine"
+
+
+def test_first_step_quick(capsys, tmp_path):
+    results = load("first_step").main(["--quick", "--out", str(tmp_path)])
+    assert results["unchecked"]["rows"] == 300 and results["checked"]["rows"] == 100
+    assert all(r["seconds"] > 0 for r in results.values())
+    assert (tmp_path / "run_unchecked" / "model" / "model_index.json").is_file()
+    assert "--no-check-images" in capsys.readouterr().out

@@ -179,6 +179,29 @@ def test_bad_rows_skipped_and_counted(tmp_path, caplog):
     assert all(torch.equal(lazy[i]["pixels"], data[i]["pixels"]) for i in range(4))
 
 
+def test_unchecked_data_decodes_nothing_up_front_and_replaces_bad_images_when_met(tmp_path, monkeypatch):
+    root = write_folder(tmp_path, ["good 0", "good 1", "good 2", "good 3"])
+    (root / "text.png").write_text("not an image at all")
+    extra = [{"file_name": "text.png", "text": "text file"}, {"file_name": "missing.png", "text": "missing"},
+             {"file_name": "000.png", "text": " "}, {"text": "no file name"}]  # fmt: skip
+    with (root / "metadata.jsonl").open("a") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in extra))
+    import cyclediffusion.training.data as data_module
+
+    decoded = []
+    real = data_module._try_decode
+    monkeypatch.setattr(data_module, "_try_decode", lambda *a: decoded.append(a[0]) or real(*a))
+    data = load_captioned_images(str(root), 8, check=False)
+    assert decoded == []  # nothing read before the first item is asked for
+    assert len(data) == 6 and data.captions[-2:] == ["text file", "missing"]
+    assert dict(data.skipped) == {"empty caption": 1, "missing file": 1}
+    checked = load_captioned_images(str(root), 8)
+    item = data[4]  # text.png, then missing.png, are bad: the next good item is the first
+    assert item["caption"] == "good 0" and torch.equal(item["pixels"], checked[0]["pixels"])
+    assert torch.equal(data[2]["pixels"], checked[2]["pixels"])
+    assert data.skipped["not an image"] == 1 and data.skipped["missing file"] == 2
+
+
 def test_lazy_item_that_went_bad_falls_back_to_the_next(tmp_path):
     root = write_folder(tmp_path, ["a", "b", "c"])
     data = load_captioned_images(str(root), 8, memory_budget=0)

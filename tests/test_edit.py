@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cyclediffusion import CycleDiffusionPipeline, translate
+from cyclediffusion.pipelines.implicit_mask import implicit_mask
 
 from helpers import RED, randomise_zeros, tiny_pipeline, train
 
@@ -226,6 +227,35 @@ def test_colour_edit_changes_the_colour_and_keeps_the_shape(trained):
     assert cycle > sdedit + 0.05, (
         f"CycleDiffusion {ious['cycle']} should keep shapes better than SDEdit {ious['sdedit']}"
     )
+
+
+def test_implicit_mask_finds_the_object_whose_caption_changes(trained):
+    """``mask_image="auto"``: where the purple caption's estimate departs from the red one's is the object; the
+    edit recolours it and keeps every pixel outside the mask it read."""
+    pipe, images = trained
+    reds = images[:4]
+    kwargs = dict(strength=0.6, num_inference_steps=40, guidance_scale=2.0, generator=gens(0, 4), output_type="pt")
+    out = pipe(["a purple shape"] * 4, "a red shape", reds, mask_image="auto", **kwargs)
+    x0 = pipe.image_latents(reds, 4, 1, None)
+    src = pipe.prompt_guidance(["a red shape"] * 4, 1.0)
+    tgt = pipe.prompt_guidance(["a purple shape"] * 4, 1.0)
+    mask = implicit_mask(pipe, pipe, x0, src, tgt, torch.Generator().manual_seed(0))[:, 0].bool()
+    ious = []
+    for source, edited, read in zip(reds, out.images * 2 - 1, mask):
+        inside = object_mask(source)
+        ious.append(float((inside & read).sum() / (inside | read).sum()))
+        assert edited[2, inside & read].mean() > -0.5  # toward purple where it read the object (red blue: -1)
+        assert (read & ~inside).sum() < 0.2 * (~inside).sum()  # most of the background is read as unchanged
+    assert min(ious) >= 0.45 and np.mean(ious) >= 0.55, f"implicit mask IoU with the object {ious}"
+    assert out.nfe > pipe(["a purple shape"] * 4, "a red shape", reds, **kwargs).nfe  # the reading is counted
+    same = pipe(["a red shape"] * 4, "a red shape", reds, mask_image="auto", **kwargs).images * 2 - 1
+    assert (same - reds).abs().max() < 1e-5  # equal prompts: an empty mask, the input back
+
+
+def test_implicit_mask_refuses_other_strings():
+    pipe = cycle_pipeline()
+    with pytest.raises(ValueError, match="'auto'"):
+        pipe("a blue circle", "a red square", pictures(1), num_inference_steps=4, mask_image="everywhere")
 
 
 # ---------------------------------------------------------------- the commands

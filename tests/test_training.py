@@ -146,6 +146,20 @@ def metrics(out: Path) -> list[dict[str, float]]:
     return read_metrics(out / "logs" / "metrics.jsonl")
 
 
+def test_resume_is_exact_with_images_checked_as_they_are_read(tmp_path):
+    """``--no-check-images``: a bad image met during training is replaced by the next good one, the same way in
+    an uninterrupted run and in one resumed halfway."""
+    root = write_folder(tmp_path / "data", n=8)
+    (root / "003.png").write_text("went bad")
+    data = DataOptions(data=str(root), image_size=16, check_images=False)
+    straight = train_text2image(data, tiny_run(tmp_path / "a", steps=4, ema_decay=0), tiny_model())
+    train_text2image(data, tiny_run(tmp_path / "b", steps=2, ema_decay=0), tiny_model())
+    train_text2image(data, tiny_run(tmp_path / "b", steps=4, ema_decay=0), tiny_model())
+    a, b = final_weights(straight.parent), final_weights(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     data = DataOptions(data=str(write_folder(tmp_path / "data")), image_size=16)
     straight = train_text2image(data, tiny_run(tmp_path / "a", steps=6), tiny_model())
@@ -305,3 +319,33 @@ def test_ddp_first_step_loss_equals_single_process(tmp_path):
     a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_two_nodes_over_loopback_give_the_weights_of_one_process(tmp_path):
+    """``--num-nodes 2``: two machines (here two processes, 1 device each, gloo on loopback, ranks from
+    MASTER_ADDR / MASTER_PORT / NODE_RANK as torchrun or SLURM would set them) train as one process would."""
+    import socket
+
+    data = write_folder(tmp_path / "data")
+    common = ["--data", str(data), "--steps", "2", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0"]
+    common += ["--precision", "32"]  # bf16 (auto on a CPU with AVX512_BF16) rounds batches of 4 and 8 apart
+    cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env |= {"NODE_RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+        command = ["train", "--out", f"node{rank}", "--batch-size", "4", "--num-nodes", "2", "--strategy", "ddp"]
+        procs.append(subprocess.Popen([sys.executable, "-m", "cyclediffusion", *command, *common], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    assert not (tmp_path / "node1" / "model").exists()  # only the global rank 0 exports
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "node0")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    losses = [float(row["train/loss"]) for row in metrics(tmp_path / "node0")]
+    assert losses == pytest.approx([float(row["train/loss"]) for row in metrics(tmp_path / "single")], abs=1e-5)

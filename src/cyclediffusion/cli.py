@@ -15,12 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .diffusion import flow, gaussian
 from .options import add_flags, given_flags, read_config, resolve, spellings
 from .pipelines.base import pick_device
 from .precision import cast_pipeline
 from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_int
 
 log = logging.getLogger("cyclediffusion")
+SAMPLER_CHOICES = tuple(dict.fromkeys(gaussian.SAMPLERS + flow.SAMPLERS))  # every noise process's samplers
 
 
 class UsageError(Exception):
@@ -160,7 +162,7 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
         generator=[torch.Generator().manual_seed(args.seed + i) for i in range(n)],
         method=args.method,
         output_type="pt",
-        mask_image=open_mask(args.mask) if getattr(args, "mask", None) else None,
+        mask_image=open_mask(mask) if (mask := getattr(args, "mask", None)) not in (None, "auto") else mask,
         coupling=coupling_of(args),
     )
 
@@ -244,6 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         seed=args.seed,
+        sampler=args.sampler,
     )
     out = Path(args.out) if args.out else model_dir.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +336,7 @@ def build_parser() -> Parser:
     flag(p, "--per-kind", type=positive_int, default=20, help="prompts per category of the suite")
     flag(p, "--held-out", action="append", default=[], help="colour-shape pair held out of training")
     flag(p, "--steps", type=positive_int, default=25)
+    flag(p, "--sampler", choices=SAMPLER_CHOICES, default=None, help="sampler (default: the model's own)")
     flag(p, "--guidance", type=float, default=None, help="guidance (default: the model's own)")
     flag(p, "--seed", type=int, default=0)
     flag(p, "--device", default="auto")
@@ -364,7 +368,7 @@ def build_parser() -> Parser:
     flag(p, "--negative-prompt", default=None)
     flag(p, "--steps", type=positive_int, default=api_default(call, "num_inference_steps"))
     flag(p, "--guidance", type=float, default=None, help="guidance (default: the model's own)")
-    flag(p, "--sampler", choices=["ddim", "ddpm", "euler", "heun", "dpm++2m"], default=None)
+    flag(p, "--sampler", choices=SAMPLER_CHOICES, default=None)
     flag(p, "--scheduler", choices=["ddpm", "flow"], default=None, help="check the model's noise process")
     flag(p, "--eta", type=float, default=api_default(call, "eta"))
     flag(p, "--seed", type=int, default=0)
@@ -417,7 +421,8 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
     call = CycleDiffusionPipeline.__call__
     flag(p, "--image", required=True, help="input image")
     flag(p, "--method", choices=list(METHODS), default=api_default(call, "method"), help=", ".join(METHODS))
-    flag(p, "--mask", default=None, help="where to edit: a one-channel black/white image of the input's size")
+    flag(p, "--mask", default=None, help="where to edit: a one-channel black/white image of the input's size, "
+         "or auto (where the two prompts' estimates differ)")  # fmt: skip
     flag(p, "--couple-cross", type=float, default=None, help="share of the steps the target reuses the source's "
          "cross-attention for shared words (prompt-to-prompt; default with --couple-self: 0.8)")  # fmt: skip
     flag(p, "--couple-self", type=float, default=None, help="share of the steps it reuses the source's self-attention")

@@ -369,14 +369,15 @@ def evaluate_pipeline(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    sampler: str | None = None,
 ) -> EvalReport:
     """:func:`evaluate` a :class:`~cyclediffusion.Text2ImagePipeline` (image ``i`` seeded ``seed + i``)
-    on ``suite`` (default :func:`build_suite`)."""
+    on ``suite`` (default :func:`build_suite`), sampling with ``sampler`` (default: the noise process's own)."""
     import torch
 
     def generate_fn(prompts: list[str], seed_offset: int) -> list[Image.Image]:
         generators = [torch.Generator().manual_seed(seed + seed_offset + i) for i in range(len(prompts))]
-        kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "sampler": sampler}
         return pipe(prompts, generator=generators, output_type="pil", **kwargs).images
 
     return evaluate(generate_fn, build_suite() if suite is None else suite, samples_per_prompt, batch_size, progress)

@@ -48,7 +48,7 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(
+def ssim_map(
     x: torch.Tensor,
     y: torch.Tensor,
     data_range: float = 1.0,
@@ -56,31 +56,39 @@ def ssim(
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
+    padding: bool = False,
 ) -> torch.Tensor:
-    """Structural similarity per image of (B, C, H, W) batches in [0, ``data_range``] (float64 result).
+    """The local structural similarity of (B, C, H, W) batches in [0, ``data_range``] (float64, per channel).
 
-    Local means, variances and covariance are Gaussian-weighted over each channel separately, at every
-    position where the window fits (images smaller than the window use a window of their size); the SSIM
-    map is averaged over positions and channels.
-    """
+    Local means, variances and covariance are Gaussian-weighted over each channel separately, at every position
+    where the window fits (images smaller than the window use a window of their size); ``padding`` reflects the
+    borders so that the map has the images' size (for averaging over a region)."""
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"ssim needs two (B, C, H, W) batches of one shape, got {tuple(x.shape)}, {tuple(y.shape)}")
     size = min(window_size, x.shape[-2], x.shape[-1])
     g = gaussian_window(size, sigma).to(x.device)
     channels = x.shape[1]
     rows, cols = g.view(1, 1, size, 1).repeat(channels, 1, 1, 1), g.view(1, 1, 1, size).repeat(channels, 1, 1, 1)
+    x, y = x.double(), y.double()
+    if padding:
+        low, high = (size - 1) // 2, size // 2
+        x, y = (F.pad(t, (low, high, low, high), mode="reflect") for t in (x, y))
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
 
-    x, y = x.double(), y.double()
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1)
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, **window: Any) -> torch.Tensor:
+    """Structural similarity per image of (B, C, H, W) batches in [0, ``data_range``] (float64 result): the
+    :func:`ssim_map` averaged over positions and channels."""
+    return ssim_map(x, y, data_range, **window).flatten(1).mean(1)
 
 
 @dataclass

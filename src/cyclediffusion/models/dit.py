@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import Configurable
 from .interfaces import ConfigDenoiser
-from .layers import Attention, Mlp, TimestepEmbedder, expand_timesteps
+from .layers import Attention, Mlp, TimestepEmbedder, expand_timesteps, run_block
 
 
 @dataclass
@@ -118,6 +118,7 @@ class DiT(nn.Module, Configurable, ConfigDenoiser):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (training only)
         cfg = config
         hidden, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = nn.Conv2d(cfg.in_channels, hidden, p, stride=p)
@@ -191,6 +192,7 @@ class DiT(nn.Module, Configurable, ConfigDenoiser):
             if pooled is None:
                 raise ValueError("this DiT has pooled_dim set: pass the pooled text embedding")
             c = c + self.pooled_embedder(pooled.to(c.dtype))
+        checkpoint = self.gradient_checkpointing and self.training
         for block in self.blocks:
-            h = block(h, c, context, context_mask)
+            h = run_block(block, checkpoint, h, c, context, context_mask)
         return self.unpatchify(self.final_layer(h, c), height, width)

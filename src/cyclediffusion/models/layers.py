@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -231,3 +232,11 @@ def expand_timesteps(t: torch.Tensor | float, batch: int, device: torch.device) 
     if t.shape != (batch,):
         raise ValueError(f"expected {batch} times or a scalar, got shape {tuple(t.shape)}")
     return t
+
+
+def run_block(block: nn.Module, checkpoint: bool, *args: torch.Tensor | None) -> torch.Tensor:
+    """``block(*args)``; with ``checkpoint`` (and gradients on) its activations are recomputed in the backward pass
+    instead of stored (gradient checkpointing: less memory, one more forward of the block)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

@@ -25,6 +25,7 @@ from .layers import (
     Upsample,
     expand_timesteps,
     group_norm,
+    run_block,
 )
 
 
@@ -142,6 +143,7 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (training only)
         cfg = config
         chans = cfg.block_channels
         emb_dim = 4 * chans[0]
@@ -213,10 +215,11 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
 
         h = self.conv_in(with_coordinates(x) if self.config.coord_channels else x)
         skips = [h]
+        checkpoint = self.gradient_checkpointing and self.training
         for block in self.down:
-            h = block(h, emb, context, context_mask)
+            h = run_block(block, checkpoint, h, emb, context, context_mask)
             skips.append(h)
-        h = self.mid_out(self.mid(h, emb, context, context_mask), emb)
+        h = self.mid_out(run_block(self.mid, checkpoint, h, emb, context, context_mask), emb)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+            h = run_block(block, checkpoint, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -104,7 +104,8 @@ class CycleDiffusionPipeline(DiffusionPipeline):
             method: ``cycle`` (CycleDiffusion), ``ef_ddpm``, ``ddim_inversion``, ``sdedit`` or (flow models)
                 ``flowedit``; see :mod:`~cyclediffusion.pipelines.edit`.
             mask_image: where to edit (white) and what to keep (black): a single-channel binary image of the
-                input's size, or one per prompt; everything outside stays the source's.
+                input's size, or one per prompt; everything outside stays the source's. ``"auto"``: the mask is
+                read from the model, where the target prompt's clean-image estimate departs from the source's.
             coupling: an :class:`~cyclediffusion.pipelines.coupling.AttentionCoupling`: the target branch reuses
                 the source branch's attention weights (prompt-to-prompt) for a share of the steps.
 

@@ -18,7 +18,8 @@ with the noise that the source branch needed to land on ``source_next``
 
 Every method but ``sdedit`` returns the input exactly when the target prompt, model and guidance equal the
 source's. A ``mask_image`` (white = edit) blends the target branch into the source branch at every step outside
-the mask and pastes the source pixels there at the end, so everything outside stays the source's.
+the mask and pastes the source pixels there at the end, so everything outside stays the source's;
+``mask_image="auto"`` reads the mask from the model (:mod:`~cyclediffusion.pipelines.implicit_mask`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from ..diffusion.flow import FlowMatching
 from ..images import ImageInput, images_to_tensor
 from .base import DiffusionPipeline, Guidance, ImagePipelineOutput, as_list, broadcast_list, every, expand_rows
 from .coupling import AttentionCoupling, CouplingProcessor, coupled, token_map
+from .implicit_mask import implicit_mask
 
 METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "sdedit", "flowedit")
 FLOW_METHODS = ("flowedit",)  # flow-matching models only
 GENERAL_METHODS = tuple(m for m in METHODS if m not in FLOW_METHODS)  # for every model
 MASKED_METHODS = ("cycle", "ef_ddpm", "sdedit", "flowedit")  # those with a source branch to blend into
 COUPLED_METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "flowedit")  # a source branch beside the target
-MaskInput = Image.Image | np.ndarray | torch.Tensor | Sequence[Image.Image]
+MaskInput = Image.Image | np.ndarray | torch.Tensor | Sequence[Image.Image] | str  # str: "auto"
 
 
 def edit(
@@ -84,8 +86,11 @@ def edit(
     if source is not target:
         check_same_space(source, target)
     x0 = source.image_latents(image, len(prompts), num_images_per_prompt, generator)
+    auto_mask = isinstance(mask_image, str)
+    if auto_mask and mask_image != "auto":
+        raise ValueError(f"mask_image must be an image, a list of images or 'auto', got {mask_image!r}")
     mask = None
-    if mask_image is not None:
+    if mask_image is not None and not auto_mask:
         mask = pixel_mask(mask_image, image, len(prompts), num_images_per_prompt).to(x0.device)
     process = source.noise_process
     grid = process.grid(num_inference_steps)
@@ -98,8 +103,12 @@ def edit(
     src = source.prompt_guidance(sources, source_guidance_scale, num_images_per_prompt)
     latent_mask = None if mask is None else F.adaptive_max_pool2d(mask, x0.shape[-2:])
     branches = Branches(source, target, src, tgt, x0, grid, eta, generator, every(callback, callback_steps))
-    with count_rows(source, target) as rows, branches.coupling(coupling, sources, prompts, num_images_per_prompt):
-        x = getattr(branches, method)(latent_mask)
+    with count_rows(source, target) as rows:
+        if auto_mask:  # read from the model: where the two prompts' estimates part (counted in nfe)
+            latent_mask = implicit_mask(source, target, x0, src, tgt, generator)
+            mask = F.interpolate(latent_mask, scale_factor=source.latent_factor, mode="nearest")
+        with branches.coupling(coupling, sources, prompts, num_images_per_prompt):
+            x = getattr(branches, method)(latent_mask)
     out = target.postprocess(x, output_type)
     if mask is not None and output_type != "latent":
         out = paste_outside(out, image, mask, source.latent_factor, output_type)

@@ -81,7 +81,10 @@ class CaptionedImages(Dataset):
     caption are dropped and counted in :attr:`skipped`. The first ``subset_size`` usable rows are kept
     (all if 0 or None). Their preprocessed uint8 pixels stay in memory when they fit in ``memory_budget``
     bytes; otherwise images are decoded again in ``__getitem__``, where a file that has gone bad since
-    falls back to the next good item.
+    falls back to the next good item. With ``check=False`` nothing is decoded up front (rows without an image or
+    a caption are still dropped): the first step no longer waits for a scan of the whole dataset, and a bad image
+    is met, counted in :attr:`skipped` (of the process that read it) and replaced by the next good one in
+    ``__getitem__``, deterministically, so a resumed run still sees the same batches.
 
     ``images`` holds paths, bytes, ``{"bytes", "path"}`` dicts, PIL images, or row numbers into ``table``
     (a ``datasets.Dataset`` whose ``image_column`` is not decoded); ``captions`` holds strings or lists of
@@ -100,6 +103,7 @@ class CaptionedImages(Dataset):
         memory_budget: int = MEMORY_BUDGET,
         skipped: Counter[str] | None = None,
         name: str = "data",
+        check: bool = True,
     ) -> None:
         if image_size < 1 or len(images) != len(captions):
             raise ValueError(f"need image_size >= 1 and one caption per image, got {image_size}")
@@ -108,6 +112,9 @@ class CaptionedImages(Dataset):
         self.captions: list[str] = []
         self._table, self._column = table, image_column
         limit = min(subset_size, len(images)) if subset_size else len(images)
+        if not check:
+            self._index_unchecked(images, captions, limit, name)
+            return
         in_memory = limit * 3 * image_size**2 <= memory_budget
         pixels = np.empty((limit, 3, image_size, image_size), np.uint8) if in_memory else None
         kept = []
@@ -147,6 +154,25 @@ class CaptionedImages(Dataset):
             raise ValueError(f"{summary}: nothing to train on")
         logger.info(summary + ("" if in_memory else " (too many to keep in memory: decoded on the fly)"))
 
+    def _index_unchecked(self, images: Sequence[Any], captions: Sequence[Any], limit: int, name: str) -> None:
+        """Keep the rows that have an image and a caption without decoding anything (``check=False``): images
+        are decoded, and bad ones replaced by the next good one, as they are read."""
+        kept: list[Any] = []
+        for image, caption in zip(images, captions):
+            if len(kept) >= limit:
+                break
+            text = _caption(caption)
+            reason = "empty caption" if text is None else "missing file" if image is None else None
+            if reason:
+                self.skipped[reason] += 1
+                continue
+            kept.append(image)
+            self.captions.append(text)
+        if not kept:
+            raise ValueError(f"data: no row of {name} has both an image and a caption: nothing to train on")
+        self._pixels, self._images = None, kept
+        logger.info(f"data: {len(kept)} rows from {name} (images checked as they are read)")
+
     def _values(self, entries: list[Any]) -> list[Any]:
         """Image values for entries: themselves, or the rows they number in the table."""
         if self._table is None or not entries:
@@ -168,6 +194,7 @@ class CaptionedImages(Dataset):
             array, reason = _try_decode(self._values([self._images[j]])[0], self.image_size)
             if reason is None:
                 return {"pixels": uint8_to_float(array), "caption": self.captions[j]}
+            self.skipped[reason] += 1
             logger.warning("data: %s for item %d (%s); using the next item", reason, j, self._images[j])
         raise RuntimeError("data: no readable image is left")
 
@@ -255,13 +282,15 @@ def load_captioned_images(
     shuffle_subset: bool = False,
     seed: int = 0,
     memory_budget: int = MEMORY_BUDGET,
+    check: bool = True,
 ) -> CaptionedImages:
     """Captioned images from ``--data``: a local folder or a hub dataset name.
 
     A folder holds images and a ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` relative to it, and
     ``caption_column``), directly or in ``source/split``; a folder written by ``save_to_disk``, a folder or
     file of parquet data, or a hub name goes through ``datasets``. ``subset_size`` keeps the first usable
-    rows, after a shuffle by ``seed`` if ``shuffle_subset``.
+    rows, after a shuffle by ``seed`` if ``shuffle_subset``. ``check=False`` decodes nothing here (see
+    :class:`CaptionedImages`).
     """
     path = Path(source).expanduser()
     table, skipped = None, Counter()
@@ -284,7 +313,7 @@ def load_captioned_images(
         images, captions = [images[i] for i in order], [captions[i] for i in order]
     return CaptionedImages(
         images, captions, image_size, subset_size=subset_size, table=table, image_column=image_column,
-        memory_budget=memory_budget, skipped=skipped, name=source,
+        memory_budget=memory_budget, skipped=skipped, name=source, check=check,
     )  # fmt: skip
 
 
@@ -298,6 +327,7 @@ def load_images(data: DataOptions) -> CaptionedImages:
         subset_size=data.subset_size or None,
         caption_column=data.caption_column,
         image_column=data.image_column,
+        check=data.check_images,
     )
 
 

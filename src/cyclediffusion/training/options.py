@@ -54,6 +54,10 @@ class DataOptions:
     image_column: str = option("image", "image column of hub datasets")
     num_workers: int = option(0, "data loader worker processes")
     cache_latents: bool = option(False, "encode the dataset once with the VAE (text-to-image)")
+    check_images: bool = option(
+        True, "decode every image once before training and drop the bad ones (--no-check-images: each is checked "
+        "as it is read, a bad one replaced by the next good one, so the first step does not wait for the data)"
+    )  # fmt: skip
 
 
 @dataclass
@@ -77,8 +81,15 @@ class RunOptions:
         "auto", "Lightning precision (auto: bf16-mixed on CUDA or a CPU with native bf16, else 32)", choices=PRECISIONS
     )
     accumulate: int = option(1, "gradient accumulation steps", parse=positive_int)
+    gradient_checkpointing: bool = option(
+        False, "recompute each denoiser block in the backward pass (less activation memory, about a third more time)"
+    )
     grad_clip: float | None = option(1.0, "gradient norm clip (0: off)")
     devices: int | str = option(1, "number of devices (or 'auto')", parse=devices_arg)
+    num_nodes: int = option(
+        1, "machines of the run (each runs the same command; rank and address from torchrun, SLURM or "
+        "MASTER_ADDR / MASTER_PORT / NODE_RANK)", parse=positive_int,
+    )  # fmt: skip
     accelerator: str = option("auto", "auto, cpu, gpu ...")
     strategy: str = option("auto", "auto, ddp, ddp_spawn ...")
     seed: int = option(0, "seed of data order, noise and initialisation")

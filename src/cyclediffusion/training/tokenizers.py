@@ -9,20 +9,26 @@ from ..pipelines.storage import resolve_model_dir
 from ..text import TOKENIZER_NAME, Tokenizer
 from .options import CaptionerOptions
 
+TOKENIZER_SAMPLE = 200_000  # captions the BPE merges are learnt from (evenly spaced over bigger datasets)
+
 
 def prepare_tokenizer(out: Path, captions: list[str], vocab_size: int, max_length: int | None) -> Tokenizer:
     """Train the BPE tokenizer on the captions (or reload the run's own, when resuming).
 
-    Without ``max_length`` the token length fits the longest caption (a multiple of 8, at most 77).
+    Without ``max_length`` the token length fits the longest caption (a multiple of 8, at most 77). The merges
+    are learnt from at most :data:`TOKENIZER_SAMPLE` captions, evenly spaced, so that a dataset of millions of
+    rows does not hold up the first step.
     """
     path = out / "tokenizer"
     if (path / TOKENIZER_NAME).is_file():
         return Tokenizer.from_pretrained(path)
+    sample = captions[:: math.ceil(len(captions) / TOKENIZER_SAMPLE)]  # all of them up to TOKENIZER_SAMPLE
     if max_length is None:
-        probe = Tokenizer.train(captions, vocab_size=vocab_size, max_length=77)
-        longest = int(probe(captions).attention_mask.sum(1).max())
+        probe = Tokenizer.train(sample, vocab_size=vocab_size, max_length=77)
+        probe.backend.no_padding()
+        longest = max(len(e.ids) for e in probe.backend.encode_batch(captions))  # truncated at 77
         max_length = min(77, 8 * math.ceil(longest / 8))
-    tokenizer = Tokenizer.train(captions, vocab_size=vocab_size, max_length=max_length)
+    tokenizer = Tokenizer.train(sample, vocab_size=vocab_size, max_length=max_length)
     tokenizer.save_pretrained(path)
     return tokenizer
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import write_json
 from ..eval.caption_eval import evaluate_captioner
-from ..models import AutoencoderKL
+from ..models import AutoencoderKL, DiT, UNet
 from ..models.vae import measure_latent_scaling
 from ..options import to_plain
 from ..pipelines import Text2ImagePipeline
@@ -88,8 +88,12 @@ def total_steps(run: RunOptions, dataset_size: int, world: int) -> int | None:
 
 
 def world_size(run: RunOptions) -> int:
-    """Processes the run will use (for global batch sizes before the Trainer exists); more than the machine has
-    is a ``ValueError``."""
+    """Processes the run will use on all its machines (for global batch sizes before the Trainer exists)."""
+    return processes_per_node(run) * run.num_nodes
+
+
+def processes_per_node(run: RunOptions) -> int:
+    """Processes the run will use on this machine; more than the machine has is a ``ValueError``."""
     on_cpu = run.accelerator == "cpu" or not torch.cuda.is_available()
     available = (os.cpu_count() or 1) if on_cpu else torch.cuda.device_count()
     if isinstance(run.devices, int) and run.devices > 0:
@@ -151,6 +155,7 @@ def fit(
         max_epochs=-1,
         accelerator=run.accelerator,
         devices=run.devices,
+        num_nodes=run.num_nodes,
         strategy=run.strategy,
         precision=precision,
         accumulate_grad_batches=run.accumulate,
@@ -175,7 +180,7 @@ def start_run(run: RunOptions, **sections: Any) -> Path:
     """Create ``OUT``, write the resolved options to ``OUT/options.yaml`` and seed everything; returns ``OUT``."""
     import yaml
 
-    world_size(run)  # refuse more devices than the machine has before anything is written
+    processes_per_node(run)  # refuse more devices than the machine has before anything is written
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     plain = {name: to_plain(value) for name, value in {**sections, "run": run}.items()}
@@ -251,6 +256,8 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
         tokenizer = prepare_tokenizer(out, images.captions, model.vocab_size, model.max_length)
         built = model.build(tokenizer, vae, data.image_size)
         text_encoder, denoiser, noise_process = built["text_encoder"], built["denoiser"], built["noise_process"]
+    if run.gradient_checkpointing:
+        enable_gradient_checkpointing(denoiser)
     dataset: Dataset = images
     if data.cache_latents and vae is not None:
         device = torch.device("cuda" if torch.cuda.is_available() and run.accelerator != "cpu" else "cpu")
@@ -282,6 +289,20 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
     if trainer.is_global_zero:
         export_atomically(save, module, out / "model")
     return out / "model"
+
+
+def enable_gradient_checkpointing(denoiser: torch.nn.Module) -> None:
+    """Switch on gradient checkpointing in ``denoiser``: this project's U-Net and DiT, or a diffusers model inside
+    a wrapped Stable Diffusion U-Net (its own ``enable_gradient_checkpointing``)."""
+    found = False
+    for module in denoiser.modules():
+        if isinstance(module, (UNet, DiT)):
+            module.gradient_checkpointing = found = True
+        elif callable(getattr(module, "enable_gradient_checkpointing", None)):
+            module.enable_gradient_checkpointing()
+            found = True
+    if not found:
+        raise ValueError(f"--gradient-checkpointing: {type(denoiser).__name__} has no blocks to checkpoint")
 
 
 def load_initial_pipeline(model: ModelOptions, image_size: int) -> tuple[Text2ImagePipeline, Callable]:

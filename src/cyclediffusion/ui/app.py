@@ -86,9 +86,11 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
 
     @page_errors
     def edit(value, source_prompt, prompt, method, strength, eta, guidance, source_guidance, steps, seed,
-             progress=gr.Progress()):  # noqa: B008  # fmt: skip
+             auto_mask=False, progress=gr.Progress()):  # noqa: B008  # fmt: skip
         image = limits.image((value or {}).get("background"))
         mask = mask_from_strokes((value or {}).get("layers"), image.size)
+        if mask is None and auto_mask:
+            mask = "auto"
         result = studio.edit(image, source_prompt, prompt, method, strength, eta, guidance, source_guidance, steps,
                              seed, mask, reporter(progress))  # fmt: skip
         return image.resize(studio.image_size, Image.Resampling.BICUBIC), result
@@ -151,6 +153,7 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                     target_prompt = gr.Textbox(label="target prompt (what it should show)", value="a blue circle",
                                                elem_id="edit-target")  # fmt: skip
                     method = gr.Dropdown(list(studio.methods), value="cycle", label="method")
+                    auto_mask = gr.Checkbox(False, label="no paint: edit only where the two prompts differ (auto mask)")
                     with gr.Row():
                         strength, eta = chain_sliders()
                     with gr.Row():
@@ -180,7 +183,7 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                     )
             draw_button.click(draw, [source_prompt, edit_seed], editor, api_name="draw")
             edit_button.click(edit, [editor, source_prompt, target_prompt, method, strength, eta, edit_guidance,
-                                     source_guidance, edit_steps, edit_seed], [shown_source, result],
+                                     source_guidance, edit_steps, edit_seed, auto_mask], [shown_source, result],
                               api_name="edit")  # fmt: skip
 
         if studio.target is not None:

@@ -128,11 +128,12 @@ class Studio:
         source_guidance: Any = 1.0,
         steps: Any = None,
         seed: Any = 0,
-        mask: Image.Image | None = None,
+        mask: Image.Image | str | None = None,
         progress: Progress | None = None,
     ) -> Image.Image:
         """``image`` (shown by ``source_prompt``) edited to show ``prompt``; with ``mask`` (white = edit) only
-        there. Inputs are resized to the model's :attr:`image_size`."""
+        there (``"auto"``: where the model's estimates for the two prompts differ). Inputs are resized to the
+        model's :attr:`image_size`."""
         method = self.check_choice("method", method, self.methods)
         return self._edit(self.editor, self.editor, image, source_prompt, prompt, method, strength, eta, guidance,
                           source_guidance, steps, seed, mask, progress)  # fmt: skip
@@ -169,7 +170,7 @@ class Studio:
         source_guidance: Any,
         steps: Any,
         seed: Any,
-        mask: Image.Image | None,
+        mask: Image.Image | str | None,
         progress: Progress | None,
     ) -> Image.Image:
         two_models = source is not target
@@ -186,7 +187,8 @@ class Studio:
                 raise InputError(
                     f"method {method} cannot keep what lies outside a mask; use {', '.join(MASKED_METHODS)}"
                 )
-            mask = mask.resize(self.image_size, Image.Resampling.NEAREST)
+            if not isinstance(mask, str):  # "auto": read from the model
+                mask = mask.resize(self.image_size, Image.Resampling.NEAREST)
         options = dict(
             strength=strength,
             num_inference_steps=steps,
@@ -276,10 +278,17 @@ def model_card(pipe: Text2ImagePipeline, model_dir: Path | None) -> str:
         data, model = trained.get("data", {}) or {}, trained.get("model", {}) or {}
         run_options = trained.get("run", {}) or {}
         keys = [("data", data.get("data")), ("backbone", model.get("backbone")), ("size", model.get("model_size")),
-                ("scheduler", model.get("scheduler")), ("steps", run_options.get("steps")),
+                ("scheduler", model.get("scheduler")), ("at most steps", run_options.get("steps")),
                 ("minutes", run_options.get("minutes"))]  # fmt: skip
-        lines.append("- trained with: " + ", ".join(f"{k} {v}" for k, v in keys if v not in (None, "")))
+        shown = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in keys if v not in (None, "")]
+        lines.append("- trained with: " + ", ".join(shown))
         lines.append(f"- every option: `{options}`")
+    metrics = run / "logs" / "metrics.jsonl" if run else None
+    if metrics and metrics.is_file():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            last = json.loads(rows[-1])
+            lines.append(f"- trained {last.get('step', '?')} steps in {float(last.get('time', 0)) / 60:.1f} min")
     scores = run / "eval" / "shapes_eval.json" if run else None
     if scores and scores.is_file():
         report = json.loads(scores.read_text())
