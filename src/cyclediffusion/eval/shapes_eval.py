@@ -377,7 +377,9 @@ def evaluate_pipeline(
 
     def generate_fn(prompts: list[str], seed_offset: int) -> list[Image.Image]:
         generators = [torch.Generator().manual_seed(seed + seed_offset + i) for i in range(len(prompts))]
-        kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "sampler": sampler}
+        kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        if sampler is not None:
+            kwargs["sampler"] = sampler
         return pipe(prompts, generator=generators, output_type="pil", **kwargs).images
 
     return evaluate(generate_fn, build_suite() if suite is None else suite, samples_per_prompt, batch_size, progress)

@@ -238,7 +238,8 @@ def _read_imagefolder(meta: Path, caption_column: str) -> tuple[list[str | None]
     for column in ("file_name", caption_column):
         if rows and not any(column in row for row in rows):
             raise ValueError(f"{meta} has no {column!r} column (it has {sorted(rows[0])}); see --caption-column")
-    images = [str(meta.parent / row["file_name"]) if row.get("file_name") else None for row in rows]
+    parent = str(meta.parent)  # os.path.join: pathlib costs seconds over a million rows
+    images = [os.path.join(parent, row["file_name"]) if row.get("file_name") else None for row in rows]
     return images, [row.get(caption_column) for row in rows], skipped
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -9,26 +10,30 @@ from ..pipelines.storage import resolve_model_dir
 from ..text import TOKENIZER_NAME, Tokenizer
 from .options import CaptionerOptions
 
-TOKENIZER_SAMPLE = 200_000  # captions the BPE merges are learnt from (evenly spaced over bigger datasets)
+TOKENIZER_SAMPLE = 50_000  # captions the BPE merges are learnt from (evenly spaced over bigger datasets)
+LONGEST_PROBED = 5_000  # over TOKENIZER_SAMPLE captions, the longest in characters set the token length
 
 
 def prepare_tokenizer(out: Path, captions: list[str], vocab_size: int, max_length: int | None) -> Tokenizer:
     """Train the BPE tokenizer on the captions (or reload the run's own, when resuming).
 
     Without ``max_length`` the token length fits the longest caption (a multiple of 8, at most 77). The merges
-    are learnt from at most :data:`TOKENIZER_SAMPLE` captions, evenly spaced, so that a dataset of millions of
-    rows does not hold up the first step.
+    are learnt from at most :data:`TOKENIZER_SAMPLE` captions, evenly spaced, and beyond that many the token
+    length is measured on the :data:`LONGEST_PROBED` longest captions in characters, so that a dataset of millions
+    of rows does not hold up the first step.
     """
     path = out / "tokenizer"
     if (path / TOKENIZER_NAME).is_file():
         return Tokenizer.from_pretrained(path)
     sample = captions[:: math.ceil(len(captions) / TOKENIZER_SAMPLE)]  # all of them up to TOKENIZER_SAMPLE
-    if max_length is None:
-        probe = Tokenizer.train(sample, vocab_size=vocab_size, max_length=77)
-        probe.backend.no_padding()
-        longest = max(len(e.ids) for e in probe.backend.encode_batch(captions))  # truncated at 77
-        max_length = min(77, 8 * math.ceil(longest / 8))
-    tokenizer = Tokenizer.train(sample, vocab_size=vocab_size, max_length=max_length)
+    tokenizer = Tokenizer.train(sample, vocab_size=vocab_size, max_length=max_length or 77)
+    if max_length is None:  # the merges do not depend on the length: measure, then set it
+        longest_texts = (
+            sorted(set(captions), key=len)[-LONGEST_PROBED:] if len(captions) > TOKENIZER_SAMPLE else captions
+        )
+        longest = max(tokenizer.count_tokens(text) for text in longest_texts)
+        tokenizer = Tokenizer(dataclasses.replace(tokenizer.config, max_length=min(77, 8 * math.ceil(longest / 8))),
+                              tokenizer.backend)  # fmt: skip
     tokenizer.save_pretrained(path)
     return tokenizer
 
