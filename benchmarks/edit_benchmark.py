@@ -217,6 +217,12 @@ def run_edits(pipe, cases: list[dict], method: str, strength: float, args, targe
     return np.concatenate(out)
 
 
+def save_example_grid(columns: list[np.ndarray], size: int, path: Path) -> Path:
+    """Columns of (N, H, W, 3) uint8 images (source, then each method) as one PNG, a row per example."""
+    tiles = torch.from_numpy(np.stack(columns, axis=1).reshape(-1, size, size, 3)).permute(0, 3, 1, 2) / 255.0
+    return save_image(make_grid(tiles, nrow=len(columns)), path, scale=4)
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -327,8 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid_rows = [np.stack([cases[i]["image"] for i in shown])] + [examples[m] for m in methods if m in examples]
-    tiles = torch.from_numpy(np.stack(grid_rows, axis=1).reshape(-1, size, size, 3)).permute(0, 3, 1, 2) / 255.0
-    grid = save_image(make_grid(tiles, nrow=len(grid_rows)), out / "edit_examples.png", scale=4)
+    grid = save_example_grid(grid_rows, size, out / "edit_examples.png")
     result = {
         "model": source,
         "image_size": size,

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import machine_line, versions_line
-from edit_benchmark import dilate, foreground, fresh_pipeline, iou, mean, psnr_outside
+from edit_benchmark import dilate, foreground, fresh_pipeline, iou, mean, psnr_outside, save_example_grid
 
 from cyclediffusion import CycleDiffusionPipeline
 from cyclediffusion.data.shapes import (
@@ -62,7 +62,6 @@ from cyclediffusion.data.shapes import (
 from cyclediffusion.diffusion import FlowMatching
 from cyclediffusion.eval import detect_objects, score
 from cyclediffusion.eval.vae_eval import ssim_map
-from cyclediffusion.images import make_grid, save_image
 from cyclediffusion.pipelines.coupling import AttentionCoupling
 
 EDIT_TYPES = ("colour", "shape", "size", "position", "add", "remove", "change_one")
@@ -383,8 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     grid_rows = [np.stack([cases[i]["image"] for i in shown]), np.stack([cases[i]["ideal"] for i in shown])]
     grid_rows += [examples[name] for name in specs if name in examples]
-    tiles = torch.from_numpy(np.stack(grid_rows, axis=1).reshape(-1, size, size, 3)).permute(0, 3, 1, 2) / 255.0
-    grid = save_image(make_grid(tiles, nrow=len(grid_rows)), out / "shapes_pie_examples.png", scale=4)
+    grid = save_example_grid(grid_rows, size, out / "shapes_pie_examples.png")
     result = {
         "model": source,
         "image_size": size,

@@ -110,6 +110,11 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
             gr.Slider(0.0, 1.0, value=0.1, step=0.05, label="eta (> 0 for cycle and ef_ddpm)"),
         )
 
+    def shown_image(label: str, **kwargs: Any) -> gr.Image:
+        """An output image, enlarged pixel for pixel."""
+        return gr.Image(label=label, type="pil", format="png", interactive=False, height=300,
+                        elem_classes=["pixels"], **kwargs)  # fmt: skip
+
     def guidance_box() -> gr.Number:
         return gr.Number(value=studio.pipe.guidance_scale, label="guidance", minimum=0)
 
@@ -164,23 +169,8 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                         edit_seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 with gr.Column(), gr.Row():
-                    shown_source = gr.Image(
-                        label="source",
-                        type="pil",
-                        format="png",
-                        interactive=False,
-                        height=300,
-                        elem_classes=["pixels"],
-                    )
-                    result = gr.Image(
-                        label="result",
-                        type="pil",
-                        format="png",
-                        interactive=False,
-                        height=300,
-                        elem_classes=["pixels"],
-                        elem_id="edit-result",
-                    )
+                    shown_source = shown_image("source")
+                    result = shown_image("result", elem_id="edit-result")
             draw_button.click(draw, [source_prompt, edit_seed], editor, api_name="draw")
             edit_button.click(edit, [editor, source_prompt, target_prompt, method, strength, eta, edit_guidance,
                                      source_guidance, edit_steps, edit_seed, auto_mask], [shown_source, result],
@@ -203,22 +193,8 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                             tr_seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                         tr_button = gr.Button("Translate", variant="primary")
                     with gr.Column(), gr.Row():
-                        tr_shown = gr.Image(
-                            label="source",
-                            type="pil",
-                            format="png",
-                            interactive=False,
-                            height=300,
-                            elem_classes=["pixels"],
-                        )
-                        tr_result = gr.Image(
-                            label="translated",
-                            type="pil",
-                            format="png",
-                            interactive=False,
-                            height=300,
-                            elem_classes=["pixels"],
-                        )
+                        tr_shown = shown_image("source")
+                        tr_result = shown_image("translated")
                 inputs = [tr_image, tr_source, tr_prompt, tr_strength, tr_eta, tr_guidance, tr_steps, tr_seed]
                 tr_button.click(translate, inputs, [tr_shown, tr_result], api_name="translate")
 
