@@ -31,9 +31,11 @@ def prepare_tokenizer(out: Path, captions: list[str], vocab_size: int, max_lengt
         longest_texts = (
             sorted(set(captions), key=len)[-LONGEST_PROBED:] if len(captions) > TOKENIZER_SAMPLE else captions
         )
-        longest = max(tokenizer.count_tokens(text) for text in longest_texts)
-        tokenizer = Tokenizer(dataclasses.replace(tokenizer.config, max_length=min(77, 8 * math.ceil(longest / 8))),
-                              tokenizer.backend)  # fmt: skip
+        backend = tokenizer.backend
+        backend.no_truncation(), backend.no_padding()  # one batched pass over whole captions
+        longest = max(len(encoding.ids) for encoding in backend.encode_batch(longest_texts))
+        config = dataclasses.replace(tokenizer.config, max_length=min(77, 8 * math.ceil(longest / 8)))
+        tokenizer = Tokenizer(config, backend)  # configures truncation and padding at the measured length
     tokenizer.save_pretrained(path)
     return tokenizer
 

@@ -93,13 +93,13 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
             mask = "auto"
         result = studio.edit(image, source_prompt, prompt, method, strength, eta, guidance, source_guidance, steps,
                              seed, mask, reporter(progress))  # fmt: skip
-        return image.resize(studio.image_size, Image.Resampling.BICUBIC), result
+        return studio.model_input(image), result
 
     @page_errors
     def translate(image, source_prompt, prompt, strength, eta, guidance, steps, seed, progress=gr.Progress()):  # noqa: B008
         result = studio.translate(image, source_prompt, prompt, strength, eta, guidance, steps, seed,
                                   reporter(progress))  # fmt: skip
-        return limits.image(image).resize(studio.image_size, Image.Resampling.BICUBIC), result
+        return studio.model_input(image), result
 
     def steps_slider(value: int = 50) -> gr.Slider:
         return gr.Slider(1, limits.max_steps, value=min(value, limits.max_steps), step=1, label="steps")

@@ -174,7 +174,7 @@ class Studio:
         progress: Progress | None,
     ) -> Image.Image:
         two_models = source is not target
-        image = self.limits.image(image).resize(self.image_size, Image.Resampling.BICUBIC)
+        image = self.model_input(image)
         source_prompt = check_prompt(source.tokenizer, source_prompt, "source prompt", required=not two_models)
         prompt = check_prompt(target.tokenizer, prompt, "target prompt", required=not two_models)
         strength = check_number("strength", strength, 0.0, 1.0)
@@ -206,6 +206,11 @@ class Studio:
         return source(prompt, source_prompt, image, **options).images[0]
 
     # ----------------------------------------------------------------- helpers
+    def model_input(self, image: Image.Image | None) -> Image.Image:
+        """An uploaded image, checked against the limits, as RGB at the model's :attr:`image_size` (what edits
+        and translations start from)."""
+        return self.limits.image(image).resize(self.image_size, Image.Resampling.BICUBIC)
+
     def steps(self, value: Any) -> int:
         """The steps asked for (default: the pipelines' own, within the limit)."""
         default = min(DEFAULT_STEPS, self.limits.max_steps)
