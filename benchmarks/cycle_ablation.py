@@ -35,6 +35,7 @@ from quality_per_compute import quiet
 from cyclediffusion.data.shapes import ShapesConfig, write_imagefolder
 from cyclediffusion.demo import demo_prompts
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
+from cyclediffusion.options import add_flags, given_flags
 from cyclediffusion.pipelines import CaptionPipeline, Text2ImagePipeline
 from cyclediffusion.pipelines.storage import resolve_model_dir
 from cyclediffusion.recipes import DEFAULT_GUIDANCE
@@ -49,7 +50,7 @@ from cyclediffusion.training import (
     train_vae,
 )
 from cyclediffusion.training.callbacks import read_metrics
-from cyclediffusion.training.options import CYCLE_MODES, VAEOptions
+from cyclediffusion.training.options import VAEOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_FILES = ("latents.safetensors", "latents.json")
@@ -111,6 +112,16 @@ def scores(pipe: Text2ImagePipeline, suite, args: argparse.Namespace, seed: int,
     return {"overall": full["overall"], "accuracy": accuracy, "eval_seconds": seconds}
 
 
+def run_key(args: argparse.Namespace, weight: float, seed: int, cycle: CycleConfig | None) -> dict:
+    """What makes two runs the same run: a finished run with this key is read back instead of trained again."""
+    fields = ("init_from", "data", "minutes", "steps", "batch_size", "lr", "warmup", "ema_decay")
+    fields += ("samples_per_prompt", "per_kind", "sample_steps", "guidance")
+    key = {f: getattr(args, f) for f in fields} | {"weight": weight, "seed": seed}
+    if cycle is not None:
+        key |= {"captioner": args.captioner, "cycle": dataclasses.asdict(cycle)}
+    return key
+
+
 def cell(stats: dict, digits: int = 3) -> str:
     """``mean±std`` (just the mean for one value; ``-`` for none)."""
     if stats["mean"] is None:
@@ -130,12 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (training and sampling)")
     parser.add_argument("--minutes", type=float, default=1.5, help="training budget of every run")
     parser.add_argument("--steps", type=int, default=None, help="train every run this many steps instead")
-    parser.add_argument("--cycle-t-max", type=float, default=None, help="default: CycleConfig's (T // 5, or 0.2)")
-    parser.add_argument("--cycle-fraction", type=float, default=CycleConfig.fraction, help="share of the batch")
-    parser.add_argument("--cycle-every", type=int, default=CycleConfig.every, help="cycle term every N steps")
-    parser.add_argument("--cycle-mode", choices=CYCLE_MODES, default=CycleConfig.mode, help="x0 or last-k")
-    parser.add_argument("--cycle-k", type=int, default=CycleConfig.k, help="last-k: sampler steps with gradient")
-    parser.add_argument("--cycle-sample-steps", type=int, default=CycleConfig.sample_steps, help="last-k: steps")
+    parser.add_argument("--variant", default=None, help="name of the cycle runs' folders (default: mode_objective)")
+    add_flags(parser, CycleConfig, "cycle term (its weight comes from --weights)", prefix="cycle")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=20)
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     args = parser.parse_args(argv)
+    cycle_options = given_flags(args).get("cycle", {})
+    if "weight" in cycle_options:
+        parser.error("give the cycle weights with --weights, not --cycle-weight")
     if args.quick:
         args.weights, args.seeds, args.steps, args.batch_size, args.warmup = "0,0.5", "0", 3, 16, 1
         args.samples_per_prompt, args.per_kind, args.sample_steps = 1, 2, 3
@@ -175,18 +185,25 @@ def main(argv: list[str] | None = None) -> None:
     length = {"steps": args.steps} if args.steps else {"steps": 100_000, "minutes": args.minutes}
     cache = [Path(args.init_from)]  # the starting run's latents serve when its data options were the same
     configs = []
-    cycle_options = dict(t_max=args.cycle_t_max, every=args.cycle_every, fraction=args.cycle_fraction)
-    cycle_options |= dict(mode=args.cycle_mode, k=args.cycle_k, sample_steps=args.cycle_sample_steps)
+    settings_of = CycleConfig(weight=1.0, **cycle_options)  # a bad setting fails before any run
+    variant = args.variant or f"{settings_of.mode}_{settings_of.objective}"
     for weight in weights:
         cycle = CycleConfig(weight=weight, **cycle_options) if weight else None
+        name = f"{variant}_w{weight:g}" if weight else "w0"
         runs = []
         for seed in seeds:
-            run = out / f"w{weight:g}_s{seed}"
+            run = out / f"{name}_s{seed}"
+            key = run_key(args, weight, seed, cycle)
+            done = run / "result.json"
+            if not args.quick and done.is_file() and json.loads(done.read_text())["key"] == key:
+                runs.append(json.loads(done.read_text())["run"])  # the same run, already trained and scored
+                print(f"{run}: reused")
+                continue
             shutil.rmtree(run, ignore_errors=True)  # metrics.jsonl is append-only: start afresh
             run.mkdir(parents=True)
             source = next((d for d in cache if all((d / f).is_file() for f in CACHE_FILES)), None)
-            for name in CACHE_FILES if source else ():  # checked against the VAE and data, re-encoded if stale
-                shutil.copy(source / name, run / name)
+            for file in CACHE_FILES if source else ():  # checked against the VAE and data, re-encoded if stale
+                shutil.copy(source / file, run / file)
             model = ModelOptions(
                 init_from=args.init_from,
                 captioner=args.captioner if weight else None,
@@ -208,29 +225,35 @@ def main(argv: list[str] | None = None) -> None:
             pipe = Text2ImagePipeline.from_pretrained(model_dir, device=device)
             result = scores(pipe, suite, args, seed, run / "shapes_eval.json")
             steps, seconds = int(rows[-1]["step"]), float(rows[-1]["time"])
-            runs.append({"seed": seed, "steps": steps, "train_seconds": seconds, **losses, **result})
-        summary = {key: spread([r[key] for r in runs]) for key in ("overall", "steps", "denoise_loss", "cycle_loss")}
+            record = {"seed": seed, "steps": steps, "train_seconds": seconds, **losses, **result}
+            done.write_text(json.dumps({"key": key, "run": record}) + "\n")
+            runs.append(record)
+        for record in runs:
+            record["seconds_per_step"] = record["train_seconds"] / max(record["steps"], 1)
+        keys = ("overall", "steps", "seconds_per_step", "denoise_loss", "cycle_loss")
+        summary = {key: spread([r[key] for r in runs]) for key in keys}
         summary["accuracy"] = {c: spread([r["accuracy"][c] for r in runs]) for c in CATEGORIES}
         settings = None if cycle is None else dataclasses.asdict(cycle)
-        configs.append({"name": f"w{weight:g}", "weight": weight, "cycle": settings, "runs": runs, "summary": summary})
+        configs.append({"name": name, "weight": weight, "cycle": settings, "runs": runs, "summary": summary})
     baseline = next((c for c in configs if c["weight"] == 0), None)
     for config in configs:  # paired by seed: the same data order and sampling noise on both sides
         if baseline is not None and config is not baseline:
-            pairs = zip(config["runs"], baseline["runs"])
-            config["summary"]["overall_minus_w0"] = spread([a["overall"] - b["overall"] for a, b in pairs])
+            pairs = list(zip(config["runs"], baseline["runs"]))
+            summary = config["summary"]
+            summary["overall_minus_w0"] = spread([a["overall"] - b["overall"] for a, b in pairs])
+            binding = "attribute_binding"
+            summary["binding_minus_w0"] = spread([a["accuracy"][binding] - b["accuracy"][binding] for a, b in pairs])
+            summary["step_cost_vs_w0"] = spread([a["seconds_per_step"] / b["seconds_per_step"] for a, b in pairs])
 
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
-    t_max = "default" if args.cycle_t_max is None else f"{args.cycle_t_max:g}"
-    mode = f"x0 (t_max {t_max})"
-    if args.cycle_mode == "last-k":
-        mode = f"last-k (k {args.cycle_k} of {args.cycle_sample_steps})"
+    settings = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(settings_of).items() if k != "weight")
     header = [
         machine_line(device),
         versions_line(),
         f"start: {start_dir} ({image_size} px); data: {args.data}; captioner: {args.captioner}",
         f"fine-tune: {budget} per run, batch {args.batch_size}, lr {args.lr:g} (warmup {args.warmup}), "
         f"EMA {args.ema_decay:g}, precision {precision}, cached latents; seeds {args.seeds}",
-        f"cycle: weights {args.weights}, mode {mode}, fraction {args.cycle_fraction:g}, every {args.cycle_every}",
+        f"cycle ({variant}): weights {args.weights}; {settings}",
         f"ShapesEval: {len({e.text for e in suite})} prompts x {args.samples_per_prompt} samples, "
         f"{args.sample_steps} steps, guidance {args.guidance:g}; mean±std over seeds; losses: mean of the last "
         f"{FINAL_ROWS} logged steps",
@@ -238,17 +261,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         header.append(f"quick: tiny world (data, VAE, starting model, captioner) built in {world_seconds:.0f} s")
     print("\n".join(header) + "\n")
-    columns = ["config", "steps", "denoise loss", "cycle loss", "overall", "Δ overall vs w0", *CATEGORIES]
+    columns = ["config", "steps", "step cost vs w0", "denoise loss", "cycle loss", "overall", "Δ overall vs w0"]
+    columns += ["Δ binding vs w0", *CATEGORIES]
     print("| " + " | ".join(columns) + " |")
     print("| --- | " + " | ".join("---:" for _ in columns[1:]) + " |")
-    cells = ["start", "0", "-", "-", f"{start_scores['overall']:.3f}", "-"]
+    cells = ["start", "0", "-", "-", "-", f"{start_scores['overall']:.3f}", "-", "-"]
     cells += ["-" if start_scores["accuracy"][c] is None else f"{start_scores['accuracy'][c]:.3f}" for c in CATEGORIES]
     print("| " + " | ".join(cells) + " |")
     for config in configs:
         s = config["summary"]
-        delta = s.get("overall_minus_w0")
-        cells = [config["name"], cell(s["steps"], 0), cell(s["denoise_loss"], 4), cell(s["cycle_loss"], 4)]
-        cells += [cell(s["overall"]), "-" if delta is None else cell(delta)]
+        cost, delta, binding = (s.get(k) for k in ("step_cost_vs_w0", "overall_minus_w0", "binding_minus_w0"))
+        cells = [config["name"], cell(s["steps"], 0), "-" if cost is None else cell(cost, 2)]
+        cells += [cell(s["denoise_loss"], 4), cell(s["cycle_loss"], 4), cell(s["overall"])]
+        cells += ["-" if d is None else cell(d) for d in (delta, binding)]
         cells += [cell(s["accuracy"][c]) for c in CATEGORIES]
         print("| " + " | ".join(cells) + " |")
 

@@ -1,4 +1,5 @@
-"""Time to the first training step on a big imagefolder: checked up front (the default) against ``--no-check-images``.
+"""Time to the first training step on big data: an imagefolder checked up front (the default), the same with
+``--no-check-images``, and tar shards read as a stream.
 
     python benchmarks/first_step.py                       # 1,000,000 metadata rows; the checked run on 100,000
     python benchmarks/first_step.py --rows 20000 --checked-rows 20000 --quick
@@ -8,16 +9,19 @@ Writes a synthetic imagefolder whose ``metadata.jsonl`` has ``--rows`` lines ove
 1`` on it in a fresh process (a tiny U-Net in pixel space) and reads from its log when the first step began: the
 figure is the wall time from the command's start to the end of step 1, and the time spent before training (reading
 the metadata, checking images, training the tokenizer). The checked run decodes every row before training, so it is
-timed on ``--checked-rows`` rows and also given per million rows.
+timed on ``--checked-rows`` rows and also given per million rows. The tar shards (``--shards`` of ``--files`` rows
+each, one written and the rest hard links to it, WebDataset layout ``00001.png`` + ``00001.txt``) are streamed.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +49,25 @@ def write_folder(root: Path, rows: int, files: int) -> Path:
     return root
 
 
+def write_shards(root: Path, shards: int, files: int) -> Path:
+    """``shards`` tar shards of ``files`` scenes each: one written, the others hard links to it."""
+    root.mkdir(parents=True, exist_ok=True)
+    world = ShapesConfig(size=32, texture=0.0)
+    first = root / "000000.tar"
+    with tarfile.open(first, "w") as archive:
+        for i in range(files):
+            scene = sample_scene(scene_rng(0, i), world)
+            buffer = io.BytesIO()
+            render(scene, 32).save(buffer, "PNG")
+            for name, data in ((f"{i:05d}.png", buffer.getvalue()), (f"{i:05d}.txt", caption_for(scene).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    for s in range(1, shards):
+        os.link(first, root / f"{s:06d}.tar")
+    return root
+
+
 def first_step(data: Path, out: Path, checked: bool) -> dict[str, float]:
     """Seconds from the command's start to the end of step 1, and of it the part before the first batch."""
     command = [sys.executable, "-m", "cyclediffusion", "train", "--data", str(data), "--out", str(out), "--steps", "1",
@@ -65,11 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=1_000_000, help="metadata rows of the unchecked run")
     parser.add_argument("--checked-rows", type=int, default=100_000, help="metadata rows of the checked run")
     parser.add_argument("--files", type=int, default=512, help="distinct image files the rows point at")
+    parser.add_argument("--shards", type=int, default=1000, help="tar shards of --files rows each (streamed)")
     parser.add_argument("--out", default=None, help="folder for the data and runs (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for the tests")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.checked_rows, args.files = 300, 100, 16
+        args.rows, args.checked_rows, args.files, args.shards = 300, 100, 16, 20
     root = Path(args.out or tempfile.mkdtemp(prefix="first_step_"))
     print(machine_line("cpu"))
     print(versions_line())
@@ -81,11 +105,21 @@ def main(argv: list[str] | None = None) -> dict:
         result = first_step(data, root / f"run_{label}", checked) | {"rows": rows, "write_seconds": written}
         result["per_million_rows"] = result["seconds"] * 1e6 / rows if checked else None  # it grows with the rows
         results[label] = result
+    t0 = time.perf_counter()
+    shards = write_shards(root / f"shards_{args.shards}", args.shards, args.files)
+    written = time.perf_counter() - t0
+    result = first_step(shards, root / "run_shards", checked=True)  # tar shards are always streamed
+    results["tar shards"] = result | {
+        "rows": args.shards * args.files,
+        "write_seconds": written,
+        "per_million_rows": None,
+    }
     print(f"\nimagefolder over {args.files} distinct 32 px PNGs; `cyclediffusion train --steps 1`, tiny U-Net\n")
-    print("| data check | metadata rows | seconds to the end of step 1 | per million rows (linear) |")
+    print("| data | rows | seconds to the end of step 1 | per million rows (linear) |")
     print("| --- | ---: | ---: | ---: |")
     for label, r in results.items():
-        how = "--no-check-images" if label == "unchecked" else "checked up front (default)"
+        how = {"unchecked": "--no-check-images", "checked": "checked up front (default)"}.get(label, "streamed")
+        how = f"{how} ({'tar shards' if label == 'tar shards' else 'imagefolder'})"
         scaled = "-" if r["per_million_rows"] is None else f"{r['per_million_rows']:.1f}"
         print(f"| {how} | {r['rows']:,} | {r['seconds']:.1f} | {scaled} |")
     (root / "first_step.json").write_text(json.dumps(results, indent=1))

@@ -66,7 +66,7 @@ def time_call(pipe: Text2ImagePipeline, prompts: list[str], steps: int, guidance
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a trained pipeline (default: the demo's, fresh weights)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps, batch 1, one repeat")
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"memory: {memory}\n")
     print(f"| batch | steps | guidance | s / call | ms / image | images / s | {memory} |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    results = []
     with torch.inference_mode():
         for batch in batches:
             for steps in steps_list:
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"| {batch} | {steps} | {guidance:g} | {seconds:.3f} | {1000 * seconds / batch:.1f} "
                         f"| {batch / seconds:.1f} | {mem} |"
                     )
+                    results.append({"batch": batch, "steps": steps, "guidance": guidance, "seconds": seconds})
+    return results
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from common import machine_line, sync, versions_line
 from torch.utils.flop_counter import FlopCounterMode
 
 from cyclediffusion.models import DiT, DiTConfig, UNet, UNetConfig
+from cyclediffusion.recipes import DIT_PRESETS, UNET_SIZES
 
 CONTEXT, TOKENS = 128, 16
 
@@ -134,14 +135,19 @@ def measure(model: torch.nn.Module, size: int, batch: int, steps: int, precision
     return batch * steps / (time.perf_counter() - t0), flops
 
 
-def rows(quick: bool) -> list[tuple[str, int, Callable[[], torch.nn.Module | None]]]:
-    demo_unet = {"block_channels": (64, 128), "layers_per_block": 1, "attention_levels": (False, True)}
-    large_unet = {"block_channels": (128, 256, 256), "layers_per_block": 2, "attention_levels": (False, True, True)}
-    sizes = [("demo", 8, demo_unet, {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 1})]
-    if not quick:
-        sizes.append(("large", 16, large_unet, {"hidden_size": 384, "depth": 12, "num_heads": 6, "patch_size": 2}))
+def rows(sizes: list[str]) -> list[tuple[str, int, Callable[[], torch.nn.Module | None]]]:
+    """The models of the named sizes: demo (8x8 latents), large (16x16), gpu (32x32: U-Net base, DiT-B/2)."""
+    known = {
+        "demo": (8, UNET_SIZES["small"], DIT_PRESETS["tiny"]),
+        "large": (16, UNET_SIZES["base"], DIT_PRESETS["DiT-S/2"]),
+        "gpu": (32, UNET_SIZES["base"], DIT_PRESETS["DiT-B/2"]),
+    }
+    unknown = set(sizes) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown size {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
     out = []
-    for label, size, unet_spec, dit_spec in sizes:
+    for label in sizes:
+        size, unet_spec, dit_spec = known[label]
         out.append((f"ours U-Net ({label})", size, lambda s=size, u=unet_spec: ours_unet(s, u)))
         out.append(
             (
@@ -154,9 +160,10 @@ def rows(quick: bool) -> list[tuple[str, int, Callable[[], torch.nn.Module | Non
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two timed steps, demo size only")
+    parser.add_argument("--sizes", default="demo,large", help="comma-separated: demo, large, gpu (32x32, DiT-B/2)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--precision", default="32,bf16", help="comma-separated: 32, bf16")
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | latent | params (M) | precision | images/s | GFLOP/image | GFLOP/s | MFU |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
     speed: dict[tuple[str, str], float] = {}
-    for name, size, build in rows(args.quick):
+    results = []
+    for name, size, build in rows(["demo"] if args.quick else args.sizes.split(",")):
         model = build()
         if model is None:
             print(f"| {name} | skipped (diffusers not installed) | | | | | | |")
@@ -188,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
             ips, flops = measure(model, size, batch, steps, precision, args.device)
             achieved = ips * flops / batch / 1e9
             speed[(name, precision)] = ips
+            results.append({"model": name, "latent": size, "params_m": params, "precision": precision,
+                            "images_per_s": ips, "gflop_per_image": flops / batch / 1e9,
+                            "mfu": achieved / peaks[precision], "peak_gflops": peaks[precision]})  # fmt: skip
             print(
                 f"| {name} | {size}x{size}x4 | {params:.2f} | {precision} | {ips:.1f} | {flops / batch / 1e9:.3f} "
                 f"| {achieved:.1f} | {achieved / peaks[precision]:.1%} |"
@@ -199,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             theirs = speed.get((f"diffusers UNet2DConditionModel {label}", precision))
             if theirs:
                 print(f"U-Net speed ratio ours / diffusers {label}, {precision}: {ips / theirs:.2f}x")
+    return results
 
 
 if __name__ == "__main__":

@@ -132,4 +132,18 @@ def test_first_step_quick(capsys, tmp_path):
     assert results["unchecked"]["rows"] == 300 and results["checked"]["rows"] == 100
     assert all(r["seconds"] > 0 for r in results.values())
     assert (tmp_path / "run_unchecked" / "model" / "model_index.json").is_file()
+    assert (
+        results["tar shards"]["rows"] == 20 * 16 and (tmp_path / "run_shards" / "model" / "model_index.json").is_file()
+    )
     assert "--no-check-images" in capsys.readouterr().out
+
+
+def test_gpu_suite_quick_writes_every_part_it_ran(tmp_path):
+    """The GPU suite's parts run (tiny, on the CPU) and their figures land in one JSON file."""
+    report = load("gpu_suite").main(["--quick", "--device", "cpu", "--out", str(tmp_path / "suite.json")])
+    saved = json.loads((tmp_path / "suite.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    for part in ("train_throughput", "sampling_latency", "edit_speed"):
+        assert "error" not in saved[part], saved[part]
+        assert saved[part]["rows"] and saved[part]["seconds"] > 0
+    assert all(row["images_per_s"] > 0 and row["mfu"] > 0 for row in saved["train_throughput"]["rows"])

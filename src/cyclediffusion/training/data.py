@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch.utils.data import Dataset
 from ..images import square_uint8, uint8_to_float
 from ..progress import progress
 from .options import DataOptions
+
+if TYPE_CHECKING:
+    from .streaming import CaptionedStream
 
 logger = logging.getLogger("cyclediffusion")
 
@@ -318,8 +321,19 @@ def load_captioned_images(
     )  # fmt: skip
 
 
-def load_images(data: DataOptions) -> CaptionedImages:
-    """:func:`load_captioned_images` of a run's :class:`~.options.DataOptions`."""
+def load_images(data: DataOptions) -> CaptionedImages | CaptionedStream:
+    """:func:`load_captioned_images` of a run's :class:`~.options.DataOptions`, or with ``data.streaming`` (or
+    a folder of tar shards) the :class:`~.streaming.CaptionedStream` of :func:`~.streaming.open_stream`."""
+    from .streaming import open_stream, tar_shards
+
+    if data.streaming or tar_shards(data.data):
+        for given, why in ((data.subset_size, "--subset-size"), (data.cache_latents, "--cache-latents")):
+            if given:
+                raise ValueError(f"{why} needs the whole dataset before training; it does not work with a stream")
+        return open_stream(
+            data.data, data.image_size, split=data.split, cache_dir=data.cache_dir,
+            caption_column=data.caption_column, image_column=data.image_column,
+        )  # fmt: skip
     return load_captioned_images(
         data.data,
         data.image_size,

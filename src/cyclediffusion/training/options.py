@@ -54,6 +54,10 @@ class DataOptions:
     image_column: str = option("image", "image column of hub datasets")
     num_workers: int = option(0, "data loader worker processes")
     cache_latents: bool = option(False, "encode the dataset once with the VAE (text-to-image)")
+    streaming: bool = option(
+        False, "read --data as a stream (datasets' streaming=True; a folder of .tar shards is always streamed): "
+        "nothing is scanned before the first step, rows are decoded and checked in the loader's workers"
+    )  # fmt: skip
     check_images: bool = option(
         True, "decode every image once before training and drop the bad ones (--no-check-images: each is checked "
         "as it is read, a bad one replaced by the next good one, so the first step does not wait for the data)"

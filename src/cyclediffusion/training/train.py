@@ -53,6 +53,7 @@ from .modules import CaptionerModule, DiffusionModule, OptimConfig, VAEModule
 from .options import CaptionerOptions, DataOptions, ModelOptions, RunOptions, VAEOptions
 from .repa import FrozenEncoder
 from .sampler import StepBatchSampler, StepIndexed
+from .streaming import CaptionedStream
 from .tokenizers import captioner_tokenizer, prepare_tokenizer
 
 log = logging.getLogger("cyclediffusion")
@@ -77,10 +78,12 @@ quiet_lightning()
 
 
 # --------------------------------------------------------------------------- shared plumbing
-def total_steps(run: RunOptions, dataset_size: int, world: int) -> int | None:
-    """Optimiser steps from ``--steps`` or ``--epochs`` (None: only a time budget)."""
+def total_steps(run: RunOptions, dataset_size: int | None, world: int) -> int | None:
+    """Optimiser steps from ``--steps`` or ``--epochs`` (None: only a time budget; a stream has no size)."""
     if run.steps:
         return run.steps
+    if run.epochs and dataset_size is None:
+        raise ValueError("--epochs needs a dataset of known size; a stream takes --steps or --minutes")
     if run.epochs:
         per_epoch = dataset_size // (run.batch_size * world * run.accumulate)
         return max(1, math.ceil(run.epochs * per_epoch))
@@ -106,15 +109,29 @@ def processes_per_node(run: RunOptions) -> int:
     return available if str(run.devices) in ("auto", "-1") else len(str(run.devices).split(","))
 
 
-def make_loader(dataset: Dataset, run: RunOptions, trainer: L.Trainer, num_workers: int) -> DataLoader:
+def dataset_size(dataset: Dataset | CaptionedStream) -> int | None:
+    """The number of items, None for a stream."""
+    return None if isinstance(dataset, CaptionedStream) else len(dataset)  # type: ignore[arg-type]
+
+
+def make_loader(
+    dataset: Dataset | CaptionedStream, run: RunOptions, trainer: L.Trainer, num_workers: int
+) -> DataLoader:
     """The step-keyed loader; it starts where the (possibly resumed) trainer stands."""
+    start_step = trainer.global_step * run.accumulate
+    if isinstance(dataset, CaptionedStream):
+        batches = dataset.batch_sampler(run.batch_size, trainer.world_size, trainer.global_rank, run.seed, start_step)
+        return DataLoader(
+            dataset.rows, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )  # fmt: skip
     sampler = StepBatchSampler(
         len(dataset),  # type: ignore[arg-type]
         run.batch_size,
         trainer.world_size,
         trainer.global_rank,
         run.seed,
-        start_step=trainer.global_step * run.accumulate,
+        start_step=start_step,
     )
     return DataLoader(
         StepIndexed(dataset),
@@ -127,7 +144,7 @@ def make_loader(dataset: Dataset, run: RunOptions, trainer: L.Trainer, num_worke
 
 def fit(
     module: L.LightningModule,
-    dataset: Dataset,
+    dataset: Dataset | CaptionedStream,
     run: RunOptions,
     steps: int | None,
     num_workers: int,
@@ -215,7 +232,7 @@ def train_vae(data: DataOptions, run: RunOptions, vae: VAEOptions | None = None)
     out = start_run(run, data=data, vae=options)
     dataset = load_images(data)
     model = build_vae(options.size, options.downsample, options.latent_channels)
-    steps = total_steps(run, len(dataset), world_size(run))
+    steps = total_steps(run, dataset_size(dataset), world_size(run))
     module = VAEModule(model, optim_config(run, steps), kl_weight=options.kl_weight, seed=run.seed)
     trainer = fit(module, dataset, run, steps, data.num_workers, [])
     if trainer.is_global_zero:
@@ -223,10 +240,12 @@ def train_vae(data: DataOptions, run: RunOptions, vae: VAEOptions | None = None)
     return out / "model"
 
 
-def export_vae(vae: AutoencoderKL, dataset: Dataset, path: Path, batches: int = 16) -> None:
+def export_vae(vae: AutoencoderKL, dataset: Dataset | CaptionedStream, path: Path, batches: int = 16) -> None:
     """Measure ``scaling_factor`` / ``shift_factor`` on (part of) the data, then save the VAE."""
     vae.eval()
     device = next(vae.parameters()).device
+    if isinstance(dataset, CaptionedStream):  # the first rows of the stream
+        dataset = dataset.first_items(batches * 64)
     loader = DataLoader(dataset, batch_size=64, shuffle=False, collate_fn=collate)
     images = (batch["pixels"].to(device) for _, batch in zip(range(batches), loader))
     scale, shift = measure_latent_scaling(vae, images)
@@ -258,11 +277,11 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
         text_encoder, denoiser, noise_process = built["text_encoder"], built["denoiser"], built["noise_process"]
     if run.gradient_checkpointing:
         enable_gradient_checkpointing(denoiser)
-    dataset: Dataset = images
+    dataset: Dataset | CaptionedStream = images
     if data.cache_latents and vae is not None:
         device = torch.device("cuda" if torch.cuda.is_available() and run.accelerator != "cpu" else "cpu")
         dataset = latent_dataset(images, vae, data, out, device)
-    steps = total_steps(run, len(dataset), world_size(run))
+    steps = total_steps(run, dataset_size(dataset), world_size(run))
     module = DiffusionModule(
         tokenizer,
         text_encoder,
@@ -361,6 +380,8 @@ def train_captioner(data: DataOptions, run: RunOptions, options: CaptionerOption
     options = options or CaptionerOptions()
     out = start_run(run, data=data, captioner=options)
     images = load_images(data)
+    if isinstance(images, CaptionedStream):
+        raise ValueError("train-captioner reads a dataset it can index (its held-out share); give it no stream")
     n_train = len(images) - options.holdout
     if options.holdout < 0 or n_train < 1:
         raise ValueError(f"--holdout {options.holdout} leaves no training images out of {len(images)}")
