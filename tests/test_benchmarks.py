@@ -75,13 +75,13 @@ def test_cycle_ablation_quick(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.startswith("machine: ") and "\nversions: python " in out and "ShapesEval: " in out
     printed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
-    assert printed[0] == "config" and printed[2:] == ["start", "w0", "w0.5"]
+    assert printed[0] == "config" and printed[2:] == ["start", "w0", "x0_ce_w0.5"]
     from cyclediffusion.eval import CATEGORIES
 
     saved = json.loads((tmp_path / "cycle_ablation.json").read_text())
     categories = set(saved["start"]["accuracy"])
     assert categories == set(CATEGORIES) and 0 <= saved["start"]["overall"] <= 1
-    assert [c["name"] for c in saved["configs"]] == ["w0", "w0.5"]
+    assert [c["name"] for c in saved["configs"]] == ["w0", "x0_ce_w0.5"]
     plain, cycle = saved["configs"]
     assert plain["cycle"] is None and cycle["cycle"]["weight"] == 0.5
     for config in saved["configs"]:
@@ -93,6 +93,9 @@ def test_cycle_ablation_quick(capsys, tmp_path):
         for stats in [summary["overall"], *summary["accuracy"].values()]:
             assert stats["n"] == 1 and 0 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1
     assert plain["runs"][0]["cycle_loss"] is None and cycle["runs"][0]["cycle_loss"] > 0
+    assert cycle["summary"]["step_cost_vs_w0"]["mean"] > 0 and "binding_minus_w0" in cycle["summary"]
+    recorded = json.loads((tmp_path / "x0_ce_w0.5_s0" / "result.json").read_text())
+    assert recorded["key"]["cycle"]["weight"] == 0.5 and recorded["run"]["steps"] == 3  # what a rerun reuses
     assert "overall_minus_w0" in cycle["summary"] and "overall_minus_w0" not in plain["summary"]
 
 

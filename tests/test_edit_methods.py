@@ -62,6 +62,25 @@ def test_a_mask_keeps_everything_outside_as_the_source(one_thread, method):
     assert (np.asarray(pil[0])[outside] == expected[outside]).all()
 
 
+def test_on_a_flow_model_edit_friendly_inversion_tends_to_flowedit(one_thread):
+    """On the flow path a deterministic step is ``x + (t' - t) v``, so ef_ddpm's coupled update
+    ``x_tgt' = x_src' + x_tgt - x_src + (t' - t)(v_tgt - v_src)`` with fresh noisings of the image is FlowEdit's with
+    ``z = x_tgt - x_src + x0``, drawn from the same noise; eta > 0 only shortens the noise coefficient of the DDIM mean
+    (by a term in eta squared). So the two agree ever more closely as eta falls (Shapes-PIE's near-equal rows)."""
+    pipe = cycle_pipeline("unet", "flow", vae=True)
+    image = pictures(1)
+    kwargs = dict(num_inference_steps=10, strength=0.8, guidance_scale=3.0, output_type="latent")
+
+    def edit(method: str, eta: float = 0.1) -> torch.Tensor:
+        return pipe("a blue circle", "a red square", image, generator=torch.Generator().manual_seed(5),
+                    method=method, eta=eta, **kwargs).images  # fmt: skip
+
+    flowedit = edit("flowedit")
+    gaps = {eta: (edit("ef_ddpm", eta) - flowedit).abs().max().item() for eta in (0.1, 0.01)}
+    assert gaps[0.1] < 1e-2 and gaps[0.01] < gaps[0.1] / 10
+    assert (edit("cycle") - flowedit).abs().max() > 5e-2  # the posterior chain is another source branch
+
+
 def test_network_evaluations_per_edit(one_thread):
     pipe = cycle_pipeline("unet", "flow", vae=True)
     image = pictures(1)
