@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
             run = out / f"{name}_s{seed}"
             key = run_key(args, weight, seed, cycle)
             done = run / "result.json"
-            if not args.quick and done.is_file() and json.loads(done.read_text())["key"] == key:
-                runs.append(json.loads(done.read_text())["run"])  # the same run, already trained and scored
+            recorded = json.loads(done.read_text()) if done.is_file() and not args.quick else {}
+            if recorded.get("key") == key:
+                runs.append(recorded["run"])  # the same run, already trained and scored
                 print(f"{run}: reused")
                 continue
             shutil.rmtree(run, ignore_errors=True)  # metrics.jsonl is append-only: start afresh

@@ -3,7 +3,7 @@
     python benchmarks/gpu_suite.py                 # on a CUDA machine, about 6 minutes; writes runs/gpu_suite.json
     python benchmarks/gpu_suite.py --quick --device cpu   # seconds, for the test that keeps it working
 
-In order, each part given a share of the time and skipped (with the reason in the JSON) once the budget is spent:
+In order, each part started only while the budget lasts (a part left out says so in the JSON):
 the ``gpu`` test marker (``pytest -m gpu``), training throughput and MFU in bf16 and fp32 of the U-Net base and
 DiT-B/2 at 32x32x4 latents (``train_throughput.py --sizes gpu``), batch-1 and batch-8 sampling latency of the demo
 architecture with and without ``torch.compile`` (``sampling_latency.py``), and CycleDiffusion edit speed against

@@ -18,7 +18,7 @@ from cyclediffusion.images import preprocess_image
 from cyclediffusion.training import DataOptions, train_text2image, train_vae
 from cyclediffusion.training import streaming as streaming_module
 from cyclediffusion.training.data import collate, load_images
-from cyclediffusion.training.streaming import StreamedRows, TarStream, open_stream, tar_shards
+from cyclediffusion.training.streaming import StreamedRows, TarStream, is_stream, open_stream, tar_shards
 
 
 def add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -226,3 +226,16 @@ def test_image_is_png_decoded_not_resized_twice():
     """The decoded stream item is the same preprocessing as the map-style data (one resize to the size)."""
     image = Image.open(io.BytesIO(png(3)))
     assert torch.equal(StreamedRows(8).decode(png(3), "c")[0]["pixels"], preprocess_image(image, 8))
+
+
+def test_what_is_read_as_a_stream(tmp_path, monkeypatch):
+    """Shards, one shard and ``--streaming`` stream; an imagefolder with its metadata is not even listed for shards."""
+    from test_data import write_folder
+
+    write_shards(tmp_path / "shards", shards=2, per_shard=2)
+    folder = write_folder(tmp_path / "images", ["a", "b"])
+    (folder / "stray.tar").write_bytes((tmp_path / "shards" / "0000.tar").read_bytes())
+    assert is_stream(str(tmp_path / "shards")) and is_stream(str(tmp_path / "shards" / "0001.tar"))
+    assert is_stream(str(folder), streaming=True) and not is_stream("someone/captions")
+    monkeypatch.setattr(Path, "glob", lambda *a, **k: pytest.fail("an imagefolder was listed for shards"))
+    assert not is_stream(str(folder))

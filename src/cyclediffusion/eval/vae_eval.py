@@ -297,8 +297,10 @@ def evaluate_vae_folder(
     vae = load_vae(vae_dir, device=pick_device(device))
     if data.image_size % vae.downsample_factor:
         raise ValueError(f"--image-size {data.image_size} is not a multiple of the VAE's {vae.downsample_factor}")
+    from ..training.streaming import CaptionedStream
+
     images = load_images(data)
-    if not isinstance(images, Dataset):
+    if isinstance(images, CaptionedStream):
         raise ValueError("eval-vae holds out a share of a dataset it can index; give it no stream")
     report = evaluate_vae(vae, holdout_subset(images, holdout), batch_size=batch_size, seed=seed)
     in_pipeline = vae_dir.name == "vae" and (vae_dir.parent / "model_index.json").is_file()

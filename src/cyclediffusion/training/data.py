@@ -324,9 +324,9 @@ def load_captioned_images(
 def load_images(data: DataOptions) -> CaptionedImages | CaptionedStream:
     """:func:`load_captioned_images` of a run's :class:`~.options.DataOptions`, or with ``data.streaming`` (or
     a folder of tar shards) the :class:`~.streaming.CaptionedStream` of :func:`~.streaming.open_stream`."""
-    from .streaming import open_stream, tar_shards
+    from .streaming import is_stream, open_stream
 
-    if data.streaming or tar_shards(data.data):
+    if is_stream(data.data, data.streaming):
         for given, why in ((data.subset_size, "--subset-size"), (data.cache_latents, "--cache-latents")):
             if given:
                 raise ValueError(f"{why} needs the whole dataset before training; it does not work with a stream")

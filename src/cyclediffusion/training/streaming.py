@@ -28,7 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from ..images import uint8_to_float
-from .data import _caption, _try_decode
+from .data import METADATA_FILES, _caption, _try_decode
 from .tokenizers import TOKENIZER_SAMPLE
 
 logger = logging.getLogger("cyclediffusion")
@@ -47,6 +47,17 @@ def tar_shards(source: str | Path) -> list[Path]:
     if path.is_file() and path.suffix == ".tar":
         return [path]
     return sorted(path.glob("*.tar")) if path.is_dir() else []
+
+
+def is_stream(source: str, streaming: bool = False) -> bool:
+    """Whether ``--data`` is read as a stream: asked for, one ``.tar`` file, or a folder of shards without the
+    imagefolder's metadata (the folder is listed only then, not for every big imagefolder)."""
+    path = Path(source).expanduser()
+    if streaming or (path.is_file() and path.suffix == ".tar"):
+        return True
+    if not path.is_dir() or any((path / name).is_file() for name in METADATA_FILES):
+        return False
+    return next(path.glob("*.tar"), None) is not None
 
 
 @dataclass(frozen=True)
@@ -107,10 +118,10 @@ def shard_rows(path: Path) -> list[TarRow]:
 class TarStream:
     """The rows of tar shards, epoch after epoch, in an order drawn from ``(seed, epoch)``."""
 
-    def __init__(self, shards: Sequence[Path], mixed: int = SHARDS_MIXED) -> None:
+    def __init__(self, shards: Sequence[Path], caption_column: str = "text", mixed: int = SHARDS_MIXED) -> None:
         if not shards:
             raise ValueError("no .tar shards to read")
-        self.shards, self.mixed = list(shards), max(1, mixed)
+        self.shards, self.caption_column, self.mixed = list(shards), caption_column, max(1, mixed)
         self.files: dict[str, Any] = {}
 
     def epoch(self, seed: int, epoch: int) -> Iterator[TarRow]:
@@ -135,15 +146,13 @@ class TarStream:
     def load(self, row: TarRow) -> tuple[Any, Any]:
         return row.load(self.files)
 
-    def captions(self, limit: int, column: str) -> list[str]:
+    def captions(self, limit: int) -> list[str]:
         """Up to ``limit`` captions from the first shards in file order (for the tokenizer)."""
         found: list[str] = []
-        for shard in self.shards:
-            for row in shard_rows(shard):
-                if row.caption is not None and len(found) < limit:
-                    text = caption_text(row.load(self.files)[1], column)
-                    if text:
-                        found.append(text)
+        for row in (row for shard in self.shards for row in shard_rows(shard) if row.caption is not None):
+            text = caption_text(row.load(self.files)[1], self.caption_column)
+            if text:
+                found.append(text)
             if len(found) >= limit:
                 break
         return found
@@ -172,7 +181,7 @@ class TableStream:
     def load(row: tuple[Any, Any]) -> tuple[Any, Any]:
         return row
 
-    def captions(self, limit: int, column: str) -> list[str]:
+    def captions(self, limit: int) -> list[str]:
         """Up to ``limit`` captions from the start of the (unshuffled) stream (for the tokenizer)."""
         found = []
         for row in self.table.select_columns([self.columns[1]]):
@@ -281,7 +290,7 @@ class CaptionedStream:
         """Up to :data:`~.tokenizers.TOKENIZER_SAMPLE` captions from the start of the stream (for the tokenizer);
         read once, when first asked for."""
         if self._captions is None:
-            self._captions = self.stream.captions(TOKENIZER_SAMPLE, self.rows.caption_column)
+            self._captions = self.stream.captions(TOKENIZER_SAMPLE)
             if not self._captions:
                 raise ValueError(f"data: no caption found at the start of {self.name}")
         return self._captions
@@ -312,7 +321,7 @@ def open_stream(
     shards = tar_shards(source)
     if shards:
         logger.info("data: %d tar shards in %s, read as a stream", len(shards), source)
-        return CaptionedStream(TarStream(shards), image_size, caption_column, source)
+        return CaptionedStream(TarStream(shards, caption_column), image_size, caption_column, source)
     import datasets
 
     path = Path(source).expanduser()
