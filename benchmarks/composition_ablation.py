@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "fast": ({}, {}, {"lr": 2e-3, "lr_schedule": "cosine"}),
     "cosine": ({}, {}, {"lr_schedule": "cosine"}),
     "immiscible": ({"immiscible_noise": True}, {}, {}),
+    "imm_coord": ({"immiscible_noise": True, "coord_channels": True}, {}, {}),
+    "imm_positions": ({"immiscible_noise": True, "attention_positions": True}, {}, {}),
     "repa": ({"repa_weight": 0.5, "repa_encoder": "vae", "repa_until": 0.5}, {}, {}),
     "repa_cap": ({"repa_weight": 0.5, "repa_encoder": "captioner", "repa_until": 0.5, "cycle": NO_CYCLE}, {}, {}),
     "all": ({"mask_padding": True, "text_refiner_layers": 1, "coord_channels": True}, CAPTIONS, {}),
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--captioner", help="a trained captioner (train-captioner run) for repa_cap")
     parser.add_argument("--pause-file", help="before each run, wait while this file exists (frees the CPU for a while)")
     parser.add_argument("--merge", action="store_true", help="keep the other runs of an earlier JSON in --out")
+    parser.add_argument("--reference", default="base", help="the variant the paired differences are taken to")
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.variants.split(",")
@@ -152,12 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(machine_line(device))
     print(versions_line())
     print(f"{args.minutes:g} min of training per run, seeds {args.seeds}, {args.samples_per_prompt} samples/prompt\n")
-    print(table(results, [c for c in CATEGORIES if c in results[names[0]][0]]))
+    print(table(results, [c for c in CATEGORIES if c in results[names[0]][0]], args.reference))
     return results
 
 
-def table(results: dict[str, list[dict]], categories: list[str]) -> str:
-    """Mean ± std per category, and the paired difference to ``base`` (same seeds) where it was run."""
+def table(results: dict[str, list[dict]], categories: list[str], reference: str = "base") -> str:
+    """Mean ± std per category, and the paired difference to ``reference`` (same seeds) where it was run."""
     columns = ["steps", "overall", *categories]
 
     def cell(rows: list[dict], key: str, base: list[dict] | None) -> str:
@@ -173,7 +176,7 @@ def table(results: dict[str, list[dict]], categories: list[str]) -> str:
 
     lines = ["| variant | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for name, rows in results.items():
-        base = results.get("base") if name != "base" else None
+        base = results.get(reference) if name != reference else None
         lines.append(f"| {name} | " + " | ".join(cell(rows, c, base) for c in columns) + " |")
     return "\n".join(lines)
 

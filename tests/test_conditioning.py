@@ -8,7 +8,7 @@ import torch
 from test_training import TINY_FLAGS, cli, final_weights, metrics, run_cli, write_folder
 
 from cyclediffusion import Text2ImagePipeline, TextEncoder, TextEncoderConfig
-from cyclediffusion.models.unet import with_coordinates
+from cyclediffusion.models.unet import SpatialTransformer, with_coordinates
 from cyclediffusion.training.options import ModelOptions
 
 from helpers import randomise_zeros, tiny_denoiser, tiny_tokenizer
@@ -85,6 +85,36 @@ def test_coordinate_channels_hold_each_cells_row_and_column():
     assert not torch.allclose(out[..., 1:3, 1:3], out[..., 5:7, 5:7])
     with pytest.raises(ValueError, match="U-Net option"):
         ModelOptions(backbone="dit", coord_channels=True).build(tok, None, 8)
+
+
+def test_attention_positions_start_as_the_plain_model_and_tell_cells_apart():
+    tok = tiny_tokenizer()
+    plain = ModelOptions(model_size="tiny").build(tok, None, 8)["denoiser"]
+    net = ModelOptions(model_size="tiny", attention_positions=True).build(tok, None, 8)["denoiser"]
+    transformers = [m for m in net.modules() if isinstance(m, SpatialTransformer)]
+    assert net.config.attention_positions and transformers and all(m.pos_proj is not None for m in transformers)
+    assert all(m.pos_proj.weight.abs().sum() == 0 for m in transformers)  # zero-initialised
+    net.load_state_dict(plain.state_dict(), strict=False)
+    x, t, context, pooled = (
+        torch.randn(2, 3, 8, 8),
+        torch.tensor([300.0, 700.0]),
+        torch.randn(2, 4, 128),
+        torch.randn(2, 128),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, context, pooled), plain(x, t, context, pooled))
+    block = transformers[0]
+    torch.nn.init.normal_(block.pos_proj.weight)
+    torch.nn.init.normal_(block.proj_out.weight)
+    flat = torch.ones(1, block.proj_in.in_features, 4, 4)  # the same features in every cell
+    with torch.no_grad():
+        out = block(flat, torch.zeros(1, 4, 128))
+        block.pos_proj = None  # without it every cell gets the same output
+        same = block(flat, torch.zeros(1, 4, 128))
+    assert torch.allclose(same, same[..., :1, :1].expand_as(same))
+    assert not torch.allclose(out[..., 0, 0], out[..., 3, 3], atol=1e-3)  # positions told apart
+    with pytest.raises(ValueError, match="U-Net option"):
+        ModelOptions(backbone="dit", attention_positions=True).build(tok, None, 8)
 
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])

@@ -20,6 +20,7 @@ def test_demo_writes_models_grid_and_report(tmp_path):
     assert "| vae | " in text and "| 8 |" in text  # both runs stopped at their step cap
     vae = json.loads((out / "vae" / "model" / "config.json").read_text())
     assert vae["scaling_factor"] != 1.0 and vae["shift_factor"] != 0.0  # measured on the data
+    assert "The VAE's ShapesEval ceiling" in text and "binding 0.0" in text  # 8 steps reconstruct no binding
     grid = Image.open(out / "samples.png")
     assert grid.size[1] > grid.size[0] > 0  # 6 colour rows, 3 shape columns
     pipe = Text2ImagePipeline.from_pretrained(out / "t2i" / "model")

@@ -12,7 +12,7 @@ import torch
 from cyclediffusion.cli import main
 from cyclediffusion.data.shapes import ShapesConfig, write_imagefolder
 from cyclediffusion.eval import evaluate_vae, find_vae_dir, holdout_subset, psnr, ssim
-from cyclediffusion.eval.vae_eval import PSNR_CAP
+from cyclediffusion.eval.vae_eval import PSNR_CAP, shapes_ceiling
 from cyclediffusion.models.vae import measure_latent_scaling
 
 from helpers import squares, tiny_pipeline, tiny_vae
@@ -146,6 +146,33 @@ def test_holdout_subset() -> None:
         holdout_subset(data, 0.0)
 
 
+# --------------------------------------------------------------------------- ShapesEval ceiling
+class FakeVAE(torch.nn.Module):
+    """``decode(encode(x).mean)`` is ``x`` (``grey``: its grey level, so no colour survives)."""
+
+    downsample_factor = 4
+
+    def __init__(self, grey: bool = False) -> None:
+        super().__init__()
+        self.grey = grey
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x: torch.Tensor):
+        return type("Posterior", (), {"mean": x.mean(1, keepdim=True).expand_as(x) if self.grey else x})()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+def test_shapes_ceiling_is_what_survives_the_reconstruction() -> None:
+    perfect = shapes_ceiling(FakeVAE(), samples_per_prompt=1)
+    assert min(perfect.accuracy.values()) >= 0.95 and len(perfect.records) == 142
+    grey = shapes_ceiling(FakeVAE(grey=True), samples_per_prompt=1)
+    # only the white objects keep their colour; no two-colour scene survives
+    assert grey.accuracy["colour"] < 0.2 and grey.accuracy["attribute_binding"] == 0 and grey.overall < 0.2
+    assert shapes_ceiling(FakeVAE(), samples_per_prompt=1, seed=1).records != perfect.records
+
+
 # --------------------------------------------------------------------------- eval-vae
 @pytest.fixture(scope="module")
 def shapes_folder(tmp_path_factory):
@@ -163,6 +190,11 @@ def test_cli_eval_vae_writes_json(tmp_path, shapes_folder, capsys) -> None:
         assert math.isfinite(report[key]), key
     assert len(report["latent_mean"]) == len(report["latent_std"]) == 4 and 0 < report["ssim"] <= 1
     assert "| PSNR" in capsys.readouterr().out
+    assert "shapes_ceiling" not in report
+    assert main([*args, "--shapes-eval", "1", "--out", str(out)]) == 0
+    ceiling = json.loads(out.read_text())["shapes_ceiling"]
+    assert set(ceiling["accuracy"]) >= {"attribute_binding", "colour"} and 0 <= ceiling["overall"] < 0.5  # untrained
+    assert "perfect denoiser" in capsys.readouterr().out
     # an exported pipeline: its vae/ is evaluated, the JSON goes to the run's eval/ folder
     tiny_pipeline(vae=True).save_pretrained(tmp_path / "t2i" / "model")
     assert find_vae_dir(tmp_path / "t2i") == tmp_path / "t2i" / "model" / "vae"
@@ -177,6 +209,7 @@ def test_cli_eval_vae_writes_json(tmp_path, shapes_folder, capsys) -> None:
         ("pixels", "has no VAE"),
         ("bad-size", "not a multiple"),
         ("bad-holdout", "--holdout"),
+        ("bad-shapes-eval", "--shapes-eval"),
     ],
 )
 def test_cli_eval_vae_bad_input_exits_2_with_one_line(tmp_path, shapes_folder, capsys, case, message) -> None:
@@ -184,9 +217,10 @@ def test_cli_eval_vae_bad_input_exits_2_with_one_line(tmp_path, shapes_folder, c
     extra = []
     if case == "pixels":
         tiny_pipeline(vae=False).save_pretrained(model)
-    elif case in ("bad-size", "bad-holdout"):
+    elif case in ("bad-size", "bad-holdout", "bad-shapes-eval"):
         tiny_vae().save_pretrained(model)
-        extra = ["--image-size", "18"] if case == "bad-size" else ["--holdout", "1.5"]
+        bad = {"bad-size": ["--image-size", "18"], "bad-holdout": ["--holdout", "1.5"]}
+        extra = bad.get(case, ["--shapes-eval", "-1"])
     code = main(["eval-vae", "--model", str(model), "--data", str(shapes_folder), *extra])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

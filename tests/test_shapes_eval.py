@@ -18,7 +18,6 @@ from cyclediffusion.data import (
     ShapeObject,
     ShapesConfig,
     generate,
-    layout,
     parse_caption,
     render,
 )
@@ -30,6 +29,9 @@ from cyclediffusion.eval import (
     evaluate_pipeline,
     nearest_position,
     score,
+)
+from cyclediffusion.eval import (
+    ground_truth as perfect_model,
 )
 
 ALL_COLOURS = ShapesConfig(colours=tuple(COLOURS))
@@ -161,13 +163,8 @@ def test_build_suite_is_fixed_and_complete():
 
 
 def ground_truth(prompts: list[str], seed_offset: int) -> list[Image.Image]:
-    """A perfect model: a layout that makes each prompt true (image ``seed_offset + i`` seeded by its number)."""
-    images = []
-    for i, text in enumerate(prompts):
-        prompt = parse_caption(text)
-        objects = layout(np.random.default_rng(seed_offset + i), prompt, ALL_COLOURS)
-        images.append(render(Scene(objects, text, prompt.kind, prompt, 6.0, seed_offset + i), 32))
-    return images
+    """A perfect model on a textured background (image ``seed_offset + i`` seeded by its number)."""
+    return perfect_model(prompts, seed_offset, texture=6.0)
 
 
 def test_evaluate_perfect_and_blank_models(tmp_path):

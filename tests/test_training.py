@@ -349,3 +349,25 @@ def test_two_nodes_over_loopback_give_the_weights_of_one_process(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
     losses = [float(row["train/loss"]) for row in metrics(tmp_path / "node0")]
     assert losses == pytest.approx([float(row["train/loss"]) for row in metrics(tmp_path / "single")], abs=1e-5)
+
+
+def test_stop_when_ends_the_run_at_the_first_check_that_reaches_the_threshold(tmp_path):
+    from cyclediffusion.training import VAEOptions, train_vae
+    from cyclediffusion.training.callbacks import StopWhen
+
+    data = DataOptions(data=str(write_folder(tmp_path / "data", n=8)), image_size=16)
+    seen: list[int] = []
+
+    def score(module: torch.nn.Module) -> float:  # the module's VAE, in eval mode
+        assert not module.training and hasattr(module, "vae")
+        seen.append(len(seen))
+        return [0.2, 0.4, 0.9, 1.0][len(seen) - 1]
+
+    stop = StopWhen(score, 0.8, every_n_steps=2, name="score")
+    run = tiny_run(tmp_path / "vae", steps=20, ema_decay=None)
+    train_vae(data, run, VAEOptions(size="tiny", downsample=4), callbacks=[stop])
+    assert stop.scores == [(2, 0.2), (4, 0.4), (6, 0.9)]  # stopped at step 6 of 20
+    rows = metrics(tmp_path / "vae")
+    assert rows[-1]["step"] == 6 and [r["score"] for r in rows if "score" in r] == pytest.approx([0.2, 0.4, 0.9])
+    with pytest.raises(ValueError, match="every_n_steps"):
+        StopWhen(score, 0.8, every_n_steps=0)

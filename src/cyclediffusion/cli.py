@@ -270,8 +270,13 @@ def cmd_eval_vae(args: argparse.Namespace) -> None:
     from .eval import evaluate_vae_folder
 
     data = resolve({"data": DataOptions}, {}, given_flags(args))["data"]
-    report, out = evaluate_vae_folder(args.model, data, args.holdout, args.batch_size, args.seed, args.out, args.device)
+    report, ceiling, out = evaluate_vae_folder(
+        args.model, data, args.holdout, args.batch_size, args.seed, args.out, args.device, args.shapes_eval
+    )
     print(report.table())
+    if ceiling is not None:
+        print("\nShapesEval of ground-truth renders through the VAE (what a perfect denoiser on it would score):")
+        print(ceiling.table())
     print(f"wrote {out}")
 
 
@@ -357,6 +362,15 @@ def build_parser() -> Parser:
     )
     flag(p, "--batch-size", type=positive_int, default=64)
     flag(p, "--seed", type=int, default=0, help="seed of the posterior samples behind the measured scaling")
+    flag(
+        p,
+        "--shapes-eval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score N renders per ShapesEval prompt after the VAE's reconstruction: the ceiling it sets on a "
+        "text-to-image model (default 0: off)",
+    )
     flag(p, "--device", default="auto")
     flag(p, "--out", default=None, help="JSON file or folder (default: RUN/eval/vae_eval.json)")
     p.set_defaults(func=cmd_eval_vae)

@@ -14,11 +14,22 @@ from .shapes_eval import (
     detect_objects,
     evaluate,
     evaluate_pipeline,
+    ground_truth,
     nearest_position,
     relation_holds,
     score,
 )
-from .vae_eval import VAEReport, evaluate_vae, evaluate_vae_folder, find_vae_dir, holdout_subset, load_vae, psnr, ssim
+from .vae_eval import (
+    VAEReport,
+    evaluate_vae,
+    evaluate_vae_folder,
+    find_vae_dir,
+    holdout_subset,
+    load_vae,
+    psnr,
+    shapes_ceiling,
+    ssim,
+)
 
 __all__ = [
     "CATEGORIES",
@@ -35,6 +46,8 @@ __all__ = [
     "evaluate_pipeline",
     "evaluate_vae",
     "evaluate_vae_folder",
+    "ground_truth",
+    "shapes_ceiling",
     "find_vae_dir",
     "holdout_subset",
     "load_vae",

@@ -28,9 +28,13 @@ from ..data.shapes import (
     POSITIONS,
     RELATIONS,
     Prompt,
+    Scene,
     ShapesConfig,
     caption_for,
+    layout,
+    parse_caption,
     prompt_suite,
+    render,
     sample_prompt,
 )
 from ..progress import progress as progress_bar
@@ -319,6 +323,18 @@ class EvalReport:
             grid.paste(tile, (pad + (i % columns) * (cell + pad), pad + (i // columns) * (cell + pad)))
         grid.save(path, format="PNG")
         return path
+
+
+def ground_truth(prompts: list[str], seed_offset: int, size: int = 32, texture: float = 0.0) -> list[Image.Image]:
+    """A perfect model's ``generate_fn`` for :func:`evaluate`: for each prompt a layout that makes it true, rendered
+    at ``size`` pixels (image ``seed_offset + i`` laid out with seed ``seed_offset + i``)."""
+    everything = ShapesConfig(colours=tuple(COLOURS), holdout=())
+    images = []
+    for i, text in enumerate(prompts):
+        prompt = parse_caption(text)
+        objects = layout(np.random.default_rng(seed_offset + i), prompt, everything)
+        images.append(render(Scene(objects, text, prompt.kind, prompt, texture, seed_offset + i), size))
+    return images
 
 
 def evaluate(

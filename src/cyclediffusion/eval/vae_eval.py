@@ -12,7 +12,7 @@ export: 1 / std of posterior samples) next to the one stored in the VAE's config
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from ..images import images_to_tensor, numpy_to_pil
 from ..models.vae import AutoencoderKL
 from ..pipelines.base import pick_device
 from ..pipelines.storage import resolve_model_dir
 from ..progress import progress as progress_bar
+from .shapes_eval import EvalPrompt, EvalReport, build_suite, evaluate, ground_truth
 
 PSNR_CAP = 100.0  # dB: PSNR of identical images (an MSE floor of 1e-10 on [0, 1] pixels)
 
@@ -238,6 +240,34 @@ def evaluate_vae(
     )
 
 
+@torch.no_grad()
+def shapes_ceiling(
+    vae: AutoencoderKL,
+    samples_per_prompt: int = 2,
+    image_size: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+    suite: Sequence[EvalPrompt] | None = None,
+) -> EvalReport:
+    """ShapesEval of the ground-truth renders of ``suite`` (default :func:`~.shapes_eval.build_suite`) after ``vae``
+    encodes them (posterior means) and decodes them.
+
+    This is what a perfect denoiser on this VAE would score: a category far below 1 (say attribute binding 0.1)
+    means the VAE, not the text-to-image model, caps it, and the VAE needs more training. Renders are
+    ``image_size`` pixels on the plain background (the shapes world of :func:`~.shapes_eval.build_suite`).
+    """
+    parameter = next(vae.parameters())
+
+    def generate_fn(prompts: list[str], seed_offset: int) -> list[Any]:
+        images = ground_truth(prompts, seed + seed_offset, image_size)
+        pixels = images_to_tensor(images, vae.downsample_factor).to(parameter)
+        recon = vae.decode(vae.encode(pixels).mean).float()
+        return numpy_to_pil((recon / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+
+    return evaluate(generate_fn, build_suite() if suite is None else suite, samples_per_prompt, batch_size, progress)
+
+
 def holdout_subset(dataset: Dataset, fraction: float) -> Dataset:
     """The last ``fraction`` of ``dataset`` (at least one item); ``fraction`` 1 keeps all of it.
 
@@ -283,16 +313,20 @@ def evaluate_vae_folder(
     seed: int = 0,
     out: str | Path | None = None,
     device: str = "auto",
-) -> tuple[VAEReport, Path]:
+    shapes_eval: int = 0,
+) -> tuple[VAEReport, EvalReport | None, Path]:
     """``eval-vae``: evaluate the VAE found at ``model`` (see :func:`find_vae_dir`) on the last ``holdout`` share
-    of ``data`` (:class:`~cyclediffusion.training.options.DataOptions`), write the report as JSON to ``out``
-    (a file or folder; default ``RUN/eval/vae_eval.json``) and return it with the path written."""
+    of ``data`` (:class:`~cyclediffusion.training.options.DataOptions`), and with ``shapes_eval`` samples per prompt
+    its :func:`shapes_ceiling` too; write the reports as JSON to ``out`` (a file or folder; default
+    ``RUN/eval/vae_eval.json``) and return them with the path written."""
     import json
 
     from ..training.data import load_images
 
     if not 0 < holdout <= 1:
         raise ValueError(f"--holdout must be in (0, 1], got {holdout}")
+    if shapes_eval < 0:
+        raise ValueError(f"--shapes-eval must be 0 (off) or a number of samples per prompt, got {shapes_eval}")
     vae_dir = find_vae_dir(model)
     vae = load_vae(vae_dir, device=pick_device(device))
     if data.image_size % vae.downsample_factor:
@@ -303,9 +337,12 @@ def evaluate_vae_folder(
     if isinstance(images, CaptionedStream):
         raise ValueError("eval-vae holds out a share of a dataset it can index; give it no stream")
     report = evaluate_vae(vae, holdout_subset(images, holdout), batch_size=batch_size, seed=seed)
+    ceiling = shapes_ceiling(vae, shapes_eval, data.image_size, seed=seed, progress=True) if shapes_eval else None
+    extra = {} if ceiling is None else {"shapes_ceiling": {"overall": ceiling.overall, "accuracy": ceiling.accuracy}}
     in_pipeline = vae_dir.name == "vae" and (vae_dir.parent / "model_index.json").is_file()
     path = Path(out) if out else (vae_dir.parent.parent if in_pipeline else vae_dir.parent) / "eval"
     path = path if path.suffix == ".json" else path / "vae_eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"model": str(vae_dir), "data": data.data, **report.to_json()}, indent=2) + "\n")
-    return report, path
+    payload = {"model": str(vae_dir), "data": data.data, **report.to_json(), **extra}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return report, ceiling, path

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Configurable
-from .dit import sincos_pos_embed_2d
-from .layers import Attention, Mlp, ResBlock, SelfAttentionBlock, init_transformer_weights
+from .layers import Attention, Mlp, ResBlock, SelfAttentionBlock, init_transformer_weights, sincos_pos_embed_2d
 
 REDUCTIONS = ("mean", "sum", "none")
 

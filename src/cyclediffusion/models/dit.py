@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import Configurable
 from .interfaces import ConfigDenoiser
-from .layers import Attention, Mlp, TimestepEmbedder, expand_timesteps, run_block
+from .layers import Attention, Mlp, TimestepEmbedder, expand_timesteps, run_block, sincos_pos_embed_2d
 
 
 @dataclass
@@ -46,23 +46,6 @@ DIT_SIZES: dict[str, dict[str, Any]] = {
     for patch in (2, 4)
 }
 """Named sizes: ``DiT-{S,B,L,XL}/{2,4}`` (hidden size, depth, heads and patch size)."""
-
-
-def sincos_pos_embed_2d(dim: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-    """Fixed (height * width, dim) sin-cos position embedding, row-major; half the features for each axis."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
-    ys, xs = torch.meshgrid(
-        torch.arange(height, device=device, dtype=torch.float64),
-        torch.arange(width, device=device, dtype=torch.float64),
-        indexing="ij",
-    )
-    parts = []
-    for pos in (ys, xs):
-        args = pos.reshape(-1, 1) * omega
-        parts += [args.sin(), args.cos()]
-    return torch.cat(parts, dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

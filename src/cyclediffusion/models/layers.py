@@ -26,6 +26,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def sincos_pos_embed_2d(dim: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fixed (height * width, dim) sin-cos position embedding, row-major; half the features for each axis."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=device, dtype=torch.float64),
+        torch.arange(width, device=device, dtype=torch.float64),
+        indexing="ij",
+    )
+    parts = []
+    for pos in (ys, xs):
+        args = pos.reshape(-1, 1) * omega
+        parts += [args.sin(), args.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the time followed by a two-layer MLP."""
 

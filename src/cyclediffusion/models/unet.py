@@ -26,6 +26,7 @@ from .layers import (
     expand_timesteps,
     group_norm,
     run_block,
+    sincos_pos_embed_2d,
 )
 
 
@@ -51,6 +52,7 @@ class UNetConfig:
     dropout: float = 0.0
     transformer_depth: int = 1
     coord_channels: bool = False  # two input channels with each cell's (y, x) in [-1, 1]: absolute position
+    attention_positions: bool = False  # every transformer adds a learned map of 2-D sin-cos positions to its tokens
 
     def __post_init__(self) -> None:
         if len(self.attention_levels) != len(self.block_channels):
@@ -81,16 +83,23 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer blocks over the pixels of a feature map, residual around the whole (proj_out zeroed)."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32) -> None:
+    def __init__(
+        self, channels: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32, positions: bool = False
+    ) -> None:
+        """``positions``: add ``pos_proj`` of the 2-D sin-cos embedding of each cell (zero-initialised, so the block
+        starts as it would without it) to the tokens: attention then knows where each cell lies."""
         super().__init__()
         self.norm = group_norm(channels, groups)
         self.proj_in = nn.Linear(channels, channels)
+        self.pos_proj = nn.Linear(channels, channels, bias=False) if positions else None
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        if self.pos_proj is not None:
+            tokens = tokens + self.pos_proj(sincos_pos_embed_2d(c, h, w, x.device).to(tokens.dtype))
         for block in self.blocks:
             tokens = block(tokens, context, context_mask)
         return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
@@ -158,7 +167,9 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
             if not enabled:
                 return None
             heads = max(1, ch // cfg.head_dim)
-            return SpatialTransformer(ch, heads, cfg.context_dim, cfg.transformer_depth, cfg.norm_groups)
+            return SpatialTransformer(
+                ch, heads, cfg.context_dim, cfg.transformer_depth, cfg.norm_groups, cfg.attention_positions
+            )
 
         self.down = nn.ModuleList()
         skips, ch = [chans[0]], chans[0]
@@ -188,10 +199,12 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
 
     def initialize_weights(self) -> None:
         """Zero the output conv and every transformer's proj_out: each starts as the identity/zero map."""
-        zeroed = [self.conv_out] + [m.proj_out for m in self.modules() if isinstance(m, SpatialTransformer)]
+        transformers = [m for m in self.modules() if isinstance(m, SpatialTransformer)]
+        zeroed = [self.conv_out, *(m.proj_out for m in transformers), *(m.pos_proj for m in transformers if m.pos_proj)]
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def forward(
         self,

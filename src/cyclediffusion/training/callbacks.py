@@ -109,6 +109,33 @@ class Export(L.Callback):
             export_atomically(self.export_fn, inference_module(trainer, pl_module), self.directory)
 
 
+class StopWhen(L.Callback):
+    """Stops training once ``score_fn(model)`` reaches ``threshold``: early stopping on a score of the inference
+    model (the EMA copy when there is one), computed every ``every_n_steps`` steps, logged as ``name`` and kept in
+    :attr:`scores` as ``(step, score)``. Every rank computes it on the same weights, so all ranks stop together."""
+
+    def __init__(self, score_fn, threshold: float, every_n_steps: int = 100, name: str = "stop_score") -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        self.score_fn, self.threshold, self.every_n_steps, self.name = score_fn, threshold, every_n_steps, name
+        self.scores: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or (self.scores and self.scores[-1][0] == step):
+            return
+        model = inference_module(trainer, pl_module)
+        training = model.training
+        model.eval()
+        score = float(self.score_fn(model))
+        model.train(training)
+        self.scores.append((step, score))
+        pl_module.log(self.name, score)
+        if score >= self.threshold:
+            log.info("step %d: %s %.3f reached %.3f, stopping", step, self.name, score, self.threshold)
+            trainer.should_stop = True
+
+
 def export_atomically(export_fn, module: L.LightningModule, directory: Path) -> None:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -216,6 +216,9 @@ class ModelOptions:
     text_layer_mix: bool = option(False, "token states mix every text block's output with learned weights")
     mask_padding: bool = option(False, "cross-attention ignores the caption's padding tokens")
     coord_channels: bool = option(False, "U-Net: two input channels with each cell's (y, x), for absolute position")
+    attention_positions: bool = option(
+        False, "U-Net: each transformer adds a learned map of 2-D sin-cos cell positions to its tokens"
+    )
     vocab_size: int = option(1024, "BPE vocabulary trained on the captions", parse=positive_int)
     max_length: int | None = option(None, "token length (none: fit the captions)", parse=positive_int)
     guidance_scale: float = option(DEFAULT_GUIDANCE, "guidance the exported model samples with by default")
@@ -248,9 +251,9 @@ class ModelOptions:
         given_dit = list(self.dit_fields())
         if self.backbone == "unet" and given_dit:
             raise ValueError(f"--dit-{given_dit[0].replace('_', '-')} is an option of --backbone dit")
-        if self.backbone == "dit" and (self.coord_channels or self.unet_base_channels):
-            raise ValueError("--coord-channels and --unet-base-channels are U-Net options (the DiT's position "
-                             "embeddings are absolute; its width is --dit-hidden-size)")  # fmt: skip
+        if self.backbone == "dit" and (self.coord_channels or self.attention_positions or self.unet_base_channels):
+            raise ValueError("--coord-channels, --attention-positions and --unet-base-channels are U-Net options (the "
+                             "DiT's position embeddings are absolute; its width is --dit-hidden-size)")  # fmt: skip
 
     def build(self, tokenizer: Tokenizer, vae: AutoencoderKL | None, image_size: int) -> dict[str, Any]:
         """A fresh ``text_encoder``, ``denoiser`` and ``noise_process`` of these options for ``tokenizer`` and the
@@ -304,7 +307,8 @@ class ModelOptions:
         """The fields set on top of ``model_size`` (see :func:`~cyclediffusion.recipes.build_denoiser`)."""
         if self.backbone == "dit":
             return self.dit_fields()
-        return {"base_channels": self.unet_base_channels, **({"coord_channels": True} if self.coord_channels else {})}
+        flags = {"coord_channels": self.coord_channels, "attention_positions": self.attention_positions}
+        return {"base_channels": self.unet_base_channels, **{k: True for k, on in flags.items() if on}}
 
 
 @dataclass

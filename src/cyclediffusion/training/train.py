@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,15 +226,18 @@ def save_pipeline(module: DiffusionModule | CaptionerModule, path: Path) -> None
 
 
 # --------------------------------------------------------------------------- VAE
-def train_vae(data: DataOptions, run: RunOptions, vae: VAEOptions | None = None) -> Path:
-    """Train a KL VAE, measure its latent scaling on the data, and export it to ``OUT/model``."""
+def train_vae(
+    data: DataOptions, run: RunOptions, vae: VAEOptions | None = None, callbacks: Sequence[L.Callback] = ()
+) -> Path:
+    """Train a KL VAE, measure its latent scaling on the data, and export it to ``OUT/model``. ``callbacks`` join the
+    run's own (e.g. a :class:`~.callbacks.StopWhen` on a reconstruction score)."""
     options = vae or VAEOptions()
     out = start_run(run, data=data, vae=options)
     dataset = load_images(data)
     model = build_vae(options.size, options.downsample, options.latent_channels)
     steps = total_steps(run, dataset_size(dataset), world_size(run))
     module = VAEModule(model, optim_config(run, steps), kl_weight=options.kl_weight, seed=run.seed)
-    trainer = fit(module, dataset, run, steps, data.num_workers, [])
+    trainer = fit(module, dataset, run, steps, data.num_workers, list(callbacks))
     if trainer.is_global_zero:
         export_atomically(lambda m, p: export_vae(m.vae, dataset, p), module, out / "model")
     return out / "model"
