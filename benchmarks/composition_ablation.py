@@ -49,6 +49,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "immiscible": ({"immiscible_noise": True}, {}, {}),
     "imm_coord": ({"immiscible_noise": True, "coord_channels": True}, {}, {}),
     "imm_positions": ({"immiscible_noise": True, "attention_positions": True}, {}, {}),
+    "imm_noisy05": ({"immiscible_noise": True, "logit_mean": 0.5}, {}, {}),
+    "imm_noisy10": ({"immiscible_noise": True, "logit_mean": 1.0}, {}, {}),
     "repa": ({"repa_weight": 0.5, "repa_encoder": "vae", "repa_until": 0.5}, {}, {}),
     "repa_cap": ({"repa_weight": 0.5, "repa_encoder": "captioner", "repa_until": 0.5, "cycle": NO_CYCLE}, {}, {}),
     "all": ({"mask_padding": True, "text_refiner_layers": 1, "coord_channels": True}, CAPTIONS, {}),

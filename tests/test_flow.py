@@ -121,3 +121,17 @@ def test_bad_settings_are_refused():
         FlowConfig(time_sampling="beta")
     with pytest.raises(ValueError, match="sampler"):
         FlowMatching().sample(fake_velocity, torch.zeros(1, 1, 2, 2), 2, sampler="ddim")
+
+
+def test_logit_mean_moves_training_times_to_the_noisy_end():
+    from cyclediffusion.recipes import build_noise_process
+    from cyclediffusion.training.options import ModelOptions
+
+    options = ModelOptions(scheduler="flow", logit_mean=1.0)
+    flow = build_noise_process(options.scheduler, **options.noise_options())
+    t = flow.sample_timesteps(20000, "cpu", torch.Generator().manual_seed(0))
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() - 1) < 0.03 and abs(logit.std() - 1) < 0.03
+    assert 0.10 < (t > 0.9).float().mean() < 0.13  # 1.4% at the default mean 0
+    with pytest.raises(ValueError, match="--logit-mean"):
+        ModelOptions(scheduler="ddpm", logit_mean=1.0)

@@ -175,3 +175,19 @@ def test_from_pretrained_refuses_what_is_not_a_pipeline(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "denoiser": "os.system"}))
     with pytest.raises(NotAPipelineError, match="unknown component class"):
         Text2ImagePipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_samples_the_same_images_and_saves_the_same_folder(tmp_path):
+    eager = tiny_pipeline(vae=True, process="flow")
+    eager.save_pretrained(tmp_path / "eager")
+    compiled = Text2ImagePipeline.from_pretrained(tmp_path / "eager").compile()
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "pt"}
+    a = eager(["a red square", "a blue circle"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = compiled(["a red square", "a blue circle"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    compiled.save_pretrained(tmp_path / "compiled")
+    again = Text2ImagePipeline.from_pretrained(tmp_path / "compiled")
+    assert type(again.denoiser) is type(eager.denoiser)
+    for (k1, v1), (k2, v2) in zip(eager.denoiser.state_dict().items(), again.denoiser.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)

@@ -198,6 +198,9 @@ class ModelOptions:
         5.0, "ddpm: min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off", parse=non_negative_float
     )
     time_sampling: str = option("logit_normal", "flow: training times", choices=("uniform", "logit_normal"))
+    logit_mean: float | None = option(
+        None, "flow: mean of the logit-normal training times (none: 0; above 0 trains more at the noisy end)"
+    )
     vae: str | None = option(None, "trained VAE (run folder or model folder); pixel space without it")
     latent_channels: int | None = option(None, "latent channels the VAE must have (checked)", aliases=("latent_dim",))
     caption_dropout: float = option(0.1, "probability of the empty caption (for guidance)")
@@ -244,6 +247,8 @@ class ModelOptions:
             raise ValueError("the --cycle-* options need --captioner")
         if self.num_train_timesteps is not None and self.scheduler != "ddpm":
             raise ValueError("--num-train-timesteps is an option of --scheduler ddpm")
+        if self.logit_mean is not None and (self.scheduler != "flow" or self.time_sampling != "logit_normal"):
+            raise ValueError("--logit-mean is an option of --scheduler flow with --time-sampling logit_normal")
         if not 0 < self.repa_until <= 1:
             raise ValueError(f"--repa-until is a share of the run in (0, 1], got {self.repa_until}")
         if self.repa_weight > 0 and self.repa_encoder == "captioner" and not self.captioner:
@@ -290,7 +295,7 @@ class ModelOptions:
     def noise_options(self) -> dict[str, object]:
         """The config fields of the chosen noise process (see :func:`~cyclediffusion.recipes.build_noise_process`)."""
         if self.scheduler == "flow":
-            return {"time_sampling": self.time_sampling}
+            return {"time_sampling": self.time_sampling, "logit_mean": self.logit_mean}
         return {
             "prediction_type": self.prediction_type,
             "beta_schedule": self.beta_schedule,
