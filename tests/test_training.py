@@ -369,5 +369,8 @@ def test_stop_when_ends_the_run_at_the_first_check_that_reaches_the_threshold(tm
     assert stop.scores == [(2, 0.2), (4, 0.4), (6, 0.9)]  # stopped at step 6 of 20
     rows = metrics(tmp_path / "vae")
     assert rows[-1]["step"] == 6 and [r["score"] for r in rows if "score" in r] == pytest.approx([0.2, 0.4, 0.9])
+    floor = StopWhen(lambda module: 1.0, 0.8, every_n_steps=2, after_minutes=60)  # never before an hour
+    train_vae(data, tiny_run(tmp_path / "floor", steps=6, ema_decay=None), VAEOptions(size="tiny"), [floor])
+    assert floor.scores == [(2, 1.0), (4, 1.0), (6, 1.0)] and metrics(tmp_path / "floor")[-1]["step"] == 6
     with pytest.raises(ValueError, match="every_n_steps"):
         StopWhen(score, 0.8, every_n_steps=0)

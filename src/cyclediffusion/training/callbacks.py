@@ -112,13 +112,27 @@ class Export(L.Callback):
 class StopWhen(L.Callback):
     """Stops training once ``score_fn(model)`` reaches ``threshold``: early stopping on a score of the inference
     model (the EMA copy when there is one), computed every ``every_n_steps`` steps, logged as ``name`` and kept in
-    :attr:`scores` as ``(step, score)``. Every rank computes it on the same weights, so all ranks stop together."""
+    :attr:`scores` as ``(step, score)``. It never stops a run before ``after_minutes`` of training (a floor: the run
+    trains at least that long, and longer only while the score is short). Every rank computes it on the same
+    weights, so all ranks stop together."""
 
-    def __init__(self, score_fn, threshold: float, every_n_steps: int = 100, name: str = "stop_score") -> None:
+    def __init__(
+        self,
+        score_fn,
+        threshold: float,
+        every_n_steps: int = 100,
+        name: str = "stop_score",
+        after_minutes: float = 0.0,
+    ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
         self.score_fn, self.threshold, self.every_n_steps, self.name = score_fn, threshold, every_n_steps, name
+        self.after_minutes = after_minutes
         self.scores: list[tuple[int, float]] = []
+        self._start = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -131,7 +145,7 @@ class StopWhen(L.Callback):
         model.train(training)
         self.scores.append((step, score))
         pl_module.log(self.name, score)
-        if score >= self.threshold:
+        if score >= self.threshold and time.perf_counter() - self._start >= 60 * self.after_minutes:
             log.info("step %d: %s %.3f reached %.3f, stopping", step, self.name, score, self.threshold)
             trainer.should_stop = True
 
