@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cyclediffusion import Text2ImagePipeline
-from cyclediffusion.data.shapes import POSITION_PHRASES
+from cyclediffusion.data.shapes import POSITION_PHRASES, parse_caption
 from cyclediffusion.eval.shapes_eval import detect_objects, ground_truth, nearest_position
 
 OBJECTS = ("red circle", "blue square", "green triangle", "yellow circle", "purple square", "white triangle")
@@ -33,7 +33,8 @@ def placement(images: list, prompts: list[str], position: str | None) -> dict[st
     """Mean centre of the named object (largest detection when it is missing) and the share at ``position``."""
     xs, ys, hits, found = [], [], [], 0
     for image, prompt in zip(images, prompts):
-        colour, shape = prompt.split()[1:3]
+        parsed = parse_caption(prompt)
+        colour, shape = parsed.colours[0], parsed.shapes[0]
         dets = detect_objects(image)
         named = [d for d in dets if (d.colour, d.shape) == (colour, shape)]
         found += bool(named)
@@ -60,7 +61,6 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
     pipe = Text2ImagePipeline.from_pretrained(args.model)
-    size = pipe.image_size if hasattr(pipe, "image_size") else 32
     rows = {}
     print(f"{'phrase':>14} | {'model x':>7} {'y':>5} {'at anchor':>9} {'found':>5} | {'truth x':>7} {'y':>5}")
     for position in (None, *POSITION_PHRASES):
@@ -70,7 +70,7 @@ def main() -> None:
             prompts, generator=generators, num_inference_steps=args.steps, guidance_scale=args.guidance
         ).images
         model = placement(images, prompts, position)
-        truth = placement(ground_truth(prompts, 0, size=size), prompts, position)
+        truth = placement(ground_truth(prompts, 0, size=images[0].width), prompts, position)
         rows[position or "none"] = {"model": model, "truth": truth}
         print(
             f"{position or '(none)':>14} | {model['x']:7.3f} {model['y']:5.3f} {model['at_anchor']:9.3f} "
