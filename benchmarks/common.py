@@ -52,6 +52,9 @@ def peak_rss_mib() -> float:
 
 
 def training_device() -> tuple[str, str]:
-    """``(device, Lightning precision)``: bf16-mixed on a GPU that has it, fp32 on the CPU (bf16 is slow there)."""
+    """``(device, Lightning precision)``: the GPU when there is one, and the precision ``--precision auto`` (the demo's)
+    picks there: bf16-mixed where the device computes bf16 natively, fp32 elsewhere."""
+    from cyclediffusion.precision import choose_precision
+
     gpu = torch.cuda.is_available()
-    return ("cuda" if gpu else "cpu"), ("bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32")
+    return ("cuda" if gpu else "cpu"), choose_precision("auto", "gpu" if gpu else "cpu")[0]

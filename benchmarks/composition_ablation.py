@@ -5,9 +5,10 @@ colours to objects, count and place things, at equal training time.
     python benchmarks/composition_ablation.py --demo runs/demo --minutes 10 --seeds 0,1,2 --variants base,text
     python benchmarks/composition_ablation.py --quick                                            # seconds, tiny
 
-Every run is ``cyclediffusion train`` with the demo's recipe before immiscible noise joined it (flow matching,
-logit-normal times, "small" U-Net, batch 64, lr 1e-3, EMA 0.999) on the data and VAE of a finished
-``cyclediffusion demo`` (``--demo``), for ``--minutes`` of training from scratch, then ShapesEval (``cyclediffusion
+Every run is ``cyclediffusion train`` with the recipe the screens started from (``base``: flow matching,
+logit-normal times, "small" U-Net, batch 64, lr 1e-3, EMA 0.999) or a variant of it (``dit_mask`` is today's demo
+recipe: a tiny DiT whose cross-attention ignores padding) on the data and VAE of a finished ``cyclediffusion demo``
+(``--demo``), for ``--minutes`` of training from scratch, then ShapesEval (``cyclediffusion
 eval``: 20 prompts per category, ``--samples-per-prompt``, 25 steps, the model's guidance, sampling seed = the
 training seed). A variant changes model options, or the caption world (a new dataset of the same size from the same
 renderer, encoded by the same VAE). The table gives each category's mean ± std over the seeds and the paired
@@ -27,12 +28,21 @@ from pathlib import Path
 from common import machine_line, training_device, versions_line
 
 from cyclediffusion.data.shapes import write_imagefolder
-from cyclediffusion.demo import DEMO_WORLD, IMAGE_SIZE, demo_model
+from cyclediffusion.demo import BACKBONE, DEMO_WORLD, IMAGE_SIZE, MASK_PADDING, MODEL_SIZE, demo_model
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
-from cyclediffusion.training import CycleConfig, DataOptions, RunOptions, VAEOptions, train_text2image, train_vae
+from cyclediffusion.training import (
+    CycleConfig,
+    DataOptions,
+    ModelOptions,
+    RunOptions,
+    VAEOptions,
+    train_text2image,
+    train_vae,
+)
 
 NO_CYCLE = CycleConfig(weight=0.0)  # the captioner as REPA's encoder only
+DIT = {"backbone": BACKBONE, "model_size": MODEL_SIZE}
 CAPTIONS = {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}
 # name -> (model option overrides, caption-world overrides, run option overrides)
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
@@ -41,6 +51,14 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "text": ({"mask_padding": True, "text_refiner_layers": 1}, {}, {}),
     "mix": ({"mask_padding": True, "text_refiner_layers": 1, "text_layer_mix": True}, {}, {}),
     "coord": ({"coord_channels": True}, {}, {}),
+    "positions": ({"attention_positions": True}, {}, {}),
+    "dit": (DIT, {}, {}),
+    "dit_mask": ({**DIT, "mask_padding": MASK_PADDING}, {}, {}),  # the demo's recipe
+    "dit_caps": ({**DIT, "mask_padding": True}, CAPTIONS, {}),
+    "dit_refiner": ({**DIT, "mask_padding": True, "text_refiner_layers": 1}, {}, {}),
+    "dit_wide": ({**DIT, "mask_padding": True, "dit_hidden_size": 192}, {}, {}),
+    "dit_deep": ({**DIT, "mask_padding": True, "dit_depth": 6}, {}, {}),
+    "dit_mask_imm": ({**DIT, "mask_padding": True, "immiscible_noise": True}, {}, {}),
     "attn8": ({"model_size": "medium"}, {}, {}),
     "captions": ({}, CAPTIONS, {}),
     "paraphrase": ({}, {**CAPTIONS, "p_size": 0.8, "p_paraphrase": 0.5}, {}),
@@ -65,6 +83,23 @@ def world_data(demo: Path, root: Path, name: str, world: dict, n: int) -> Path:
     if not (folder / "metadata.jsonl").is_file():
         write_imagefolder(folder, n, dataclasses.replace(DEMO_WORLD, **world), seed=0, num_workers=2, overwrite=True)
     return folder
+
+
+def variant_model(name: str, demo: Path, quick: bool = False, captioner: str | None = None) -> ModelOptions:
+    """The model options of variant ``name`` on the demo's VAE: the screens' ``base`` (the U-Net, every composition
+    option off) with the variant's changes; ``quick`` shrinks it for the tests."""
+    changes = VARIANTS[name][0]
+    if changes.get("repa_encoder") == "captioner":
+        changes = {**changes, "captioner": captioner}
+    base = dataclasses.replace(demo_model(demo / "vae", "unet"), immiscible_noise=False, mask_padding=False)
+    model = dataclasses.replace(base, **changes)
+    return dataclasses.replace(model, model_size="tiny", text_width=32, text_layers=1) if quick else model
+
+
+def demo_holdout(demo: Path) -> tuple[str, ...]:
+    """The colour-shape pairs the demo's data never draws (its ``world.json``): ShapesEval's held-out category."""
+    stamp = demo / "data" / "world.json"
+    return tuple(json.loads(stamp.read_text()).get("holdout", ())) if stamp.is_file() else ()
 
 
 def quick_demo(folder: Path) -> Path:
@@ -100,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     demo = quick_demo(out / "demo") if args.quick else Path(args.demo)
     n = sum(1 for _ in (demo / "data" / "metadata.jsonl").open())
     device, precision = training_device()
-    suite = build_suite(per_kind=2 if args.quick else args.per_kind, held_out=())
+    suite = build_suite(per_kind=2 if args.quick else args.per_kind, held_out=demo_holdout(demo))
     length = {"steps": 2} if args.quick else {"minutes": args.minutes, "steps": 100_000}
     saved = out / "composition_ablation.json"
     results: dict[str, list[dict]] = json.loads(saved.read_text()) if args.merge and saved.is_file() else {}
@@ -118,16 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
             run.mkdir(parents=True)
             for file in ("latents.safetensors", "latents.json") if data in caches else ():
                 shutil.copy(caches[data] / file, run / file)  # checked against the VAE and data, re-encoded if stale
-            if model_options.get("repa_encoder") == "captioner":
-                if not args.captioner:
-                    parser.error(f"variant {name} needs --captioner")
-                model_options = {**model_options, "captioner": args.captioner}
-            base = dataclasses.replace(
-                demo_model(demo / "vae"), immiscible_noise=False
-            )  # the recipe it was screened on
-            model = dataclasses.replace(base, **model_options)
-            if args.quick:
-                model = dataclasses.replace(model, model_size="tiny", text_width=32, text_layers=1)
+            if model_options.get("repa_encoder") == "captioner" and not args.captioner:
+                parser.error(f"variant {name} needs --captioner")
+            model = variant_model(name, demo, args.quick, args.captioner)
             options = RunOptions(
                 out=str(run), **length, batch_size=16 if args.quick else 64, warmup=100, precision=precision,
                 seed=seed, checkpoint_every=10**9, resume=False, progress=False, **run_options,
@@ -154,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[name].sort(key=lambda r: r["seed"])
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a crash loses one run
-    print(machine_line(device))
+    print(machine_line(device) + f", training precision {precision}")
     print(versions_line())
     print(f"{args.minutes:g} min of training per run, seeds {args.seeds}, {args.samples_per_prompt} samples/prompt\n")
     print(table(results, [c for c in CATEGORIES if c in results[names[0]][0]], args.reference))

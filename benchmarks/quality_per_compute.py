@@ -26,7 +26,7 @@ from pathlib import Path
 from common import machine_line, training_device, versions_line
 
 from cyclediffusion.data.shapes import write_imagefolder
-from cyclediffusion.demo import DEMO_WORLD, IMAGE_SIZE, demo_model
+from cyclediffusion.demo import BACKBONE, DEMO_WORLD, IMAGE_SIZE, demo_model
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
 from cyclediffusion.pipelines.storage import resolve_model_dir
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=20000, help="training images")
     parser.add_argument("--vae", default=None, help="a trained VAE to reuse (default: train one)")
     parser.add_argument("--vae-minutes", type=float, default=2.2, help="VAE budget (the demo's share of 10 min)")
-    parser.add_argument("--backbone", choices=["unet", "dit"], default="unet")
-    parser.add_argument("--model-size", default="small")
+    parser.add_argument("--backbone", choices=["unet", "dit"], default=BACKBONE)
+    parser.add_argument("--model-size", default=None, help="default: the demo's size of the backbone")
     parser.add_argument("--samples-per-prompt", type=int, default=2)
     parser.add_argument("--per-kind", type=int, default=20, help="prompts per category of the suite")
     parser.add_argument("--sample-steps", type=int, default=25)

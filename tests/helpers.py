@@ -158,7 +158,7 @@ def train(
         text = encoder(ids)
 
         def model_fn(x, s):
-            return denoiser(x, s, text.hidden_states, text.pooled)
+            return denoiser(x, s, text.hidden_states, text.pooled, text.mask)
 
         return process.training_loss(model_fn, x0, noise=noise, t=t, generator=generator).loss.mean()
 

@@ -150,3 +150,26 @@ def test_gpu_suite_quick_writes_every_part_it_ran(tmp_path):
         assert "error" not in saved[part], saved[part]
         assert saved[part]["rows"] and saved[part]["seconds"] > 0
     assert all(row["images_per_s"] > 0 and row["mfu"] > 0 for row in saved["train_throughput"]["rows"])
+
+
+def test_attention_bf16_quick(capsys):
+    load("attention_bf16").main(["--quick"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo DiT cross-attention")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert all(float(c) > 0 for c in cells[1:4])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_position_words_reads_a_saved_model(capsys, tmp_path):
+    from helpers import randomise_zeros, tiny_pipeline
+
+    pipe = tiny_pipeline("dit", "flow", size=32)
+    randomise_zeros(pipe.denoiser)
+    pipe.save_pretrained(tmp_path / "model")
+    gaps = load("position_words").main(["--model", str(tmp_path / "model")])
+    assert set(gaps) == {"0.7", "0.9", "0.99"}
+    for row in gaps.values():
+        assert set(row) == {"loss", "mirror", "axis", "word", "preposition"}
+        assert row["loss"] > 0 and all(math.isfinite(v) for v in row.values())
+        assert any(row[k] != 0 for k in ("mirror", "axis"))  # the caption reaches the loss

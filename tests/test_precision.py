@@ -74,3 +74,38 @@ def test_cli_samples_in_bfloat16(tmp_path, capsys):
     assert main([*args, "--dtype", "float32", "--out", str(tmp_path / "fp32.png")]) == 0
     a, b = Image.open(tmp_path / "bf16.png"), Image.open(tmp_path / "fp32.png")
     assert a.size == b.size == (16, 16)
+
+
+def test_cpu_attention_under_bf16_autocast_attends_in_fp32(monkeypatch):
+    """Training in bf16 on a CPU, attention runs in fp32 on the bf16 inputs (torch's bf16 CPU flash-attention backward
+    is 5-10x slower for short sequences, ``benchmarks/attention_bf16.py``); the result and gradients come back in
+    bf16, and inference keeps the bf16 kernel."""
+    import torch.nn.functional as F
+
+    from cyclediffusion.models import layers
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.dtype)
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 64, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.rand(2, 1, 1, 64, generator=g) > 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layers.scaled_dot_product_attention(q, k, v, mask)
+    assert calls == [torch.float32] and out.dtype == torch.bfloat16
+    expected = real(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+    assert torch.equal(out, expected)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layers.scaled_dot_product_attention(q, k, v, mask)
+    assert calls == [torch.float32, torch.bfloat16]
+    long = [torch.randn(1, 1, layers.FP32_ATTENTION_TOKENS + 1, 8).bfloat16().requires_grad_() for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers.scaled_dot_product_attention(*long)
+    assert calls[-1] == torch.bfloat16  # long sequences: the bf16 kernel is as fast

@@ -299,9 +299,10 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("demo", help="shapes data -> VAE -> text-to-image model -> samples and report")
-    for name, kind in (("out", str), ("minutes", float), ("model_size", str), ("lr", float), ("seed", int)):
+    for name, kind in (("out", str), ("minutes", float), ("lr", float), ("seed", int)):
         default = api_default(run_demo, name)
         flag(p, f"--{name}", type=kind, default=default, help=f"(default {default})")
+    flag(p, "--model-size", default=None, help="size of the backbone (default: DiT tiny, U-Net small)")
     flag(p, "--backbone", choices=["unet", "dit"], default=api_default(run_demo, "backbone"))
     flag(p, "--n", type=positive_int, default=api_default(run_demo, "n"), help="number of training images")
     p.set_defaults(func=cmd_demo)

@@ -35,13 +35,23 @@ IMAGE_SIZE = 32
 # With the earlier DDPM recipe, 10 CPU minutes gave ShapesEval single-object 0.36-0.51 here against 0.31 for the default
 # world (textured, 50% single).
 DEMO_KINDS = {"single": 0.7, "count": 0.1, "pair": 0.1, "relation": 0.1}
-DEMO_WORLD = ShapesConfig(size=IMAGE_SIZE, texture=0.0, kinds=DEMO_KINDS)
+# One colour-shape pair is never drawn in training, so that the report measures whether the model composes a colour
+# and a shape it has only seen apart (ShapesEval's held-out category).
+DEMO_HOLDOUT = ("purple triangle",)
+DEMO_WORLD = ShapesConfig(size=IMAGE_SIZE, texture=0.0, kinds=DEMO_KINDS, holdout=DEMO_HOLDOUT)
+EVAL_SAMPLES = 4  # ShapesEval samples per prompt in the report (as `cyclediffusion eval --samples-per-prompt 4`)
 # Flow matching with logit-normal training times: after 5 minutes of training on the demo's data and VAE, ShapesEval
 # single-object accuracy 0.81 against 0.49 for DDPM (v-prediction, cosine, uniform timesteps); shape 0.85 against 0.55.
 SCHEDULER = "flow"
-# Immiscible noise (each latent paired with a nearby noise draw of its batch): ShapesEval overall +0.04 at 5 and
-# 10 minutes of training on the demo's data (README, "Composition"), shapes +0.10 to +0.18.
-IMMISCIBLE = True
+# A DiT whose cross-attention ignores the caption's padding. The U-Net learns that "on the left" and "on the right"
+# mean the horizontal axis but not which side (zero padding is its only sense of place, and it sees the left and the
+# right border alike): its samples put the object on either side, and position and relation scores stay at chance.
+# The DiT's patches carry absolute positions: after 5 minutes ShapesEval position 0.75 against 0.22 (README,
+# "Composition").
+BACKBONE, MODEL_SIZE, MASK_PADDING = "dit", "tiny", True
+# Immiscible noise (each latent paired with a nearby noise draw of its batch) is off: it lets the noisiest steps read
+# the layout from the noise, so the model never learns it from the words (position 0.22 with it, 0.75 without).
+IMMISCIBLE = False
 # The VAE trains for VAE_MIN_SHARE of the time left, then on until a perfect denoiser on it would score VAE_STOP on
 # ShapesEval renders it has never seen (checked every 100 steps), for at most VAE_SHARE. In 400 steps (2.2 minutes of
 # an AVX2 core pair) the recipe reconstructs 8% to 81% of two-object scenes right depending on the seed, in 1181 steps
@@ -57,24 +67,26 @@ def demo_prompts() -> list[str]:
     return [f"a {c} {s}" for c in GRID_COLOURS for s in GRID_SHAPES]
 
 
-def demo_model(vae: str | Path, backbone: str = "unet", model_size: str = "small") -> ModelOptions:
-    """The demo's text-to-image model on the VAE in ``vae``."""
+def demo_model(vae: str | Path, backbone: str = BACKBONE, model_size: str | None = None) -> ModelOptions:
+    """The demo's text-to-image model on the VAE in ``vae`` (a ``model_size`` of the backbone; none: the demo's
+    DiT size, or the U-Net's "small")."""
     return ModelOptions(
         backbone=backbone,
-        model_size=model_size,
+        model_size=model_size or (MODEL_SIZE if backbone == BACKBONE else "small"),
         scheduler=SCHEDULER,
         vae=str(vae),
         sample_prompts=demo_prompts(),
         guidance_scale=DEFAULT_GUIDANCE,
         immiscible_noise=IMMISCIBLE,
+        mask_padding=MASK_PADDING,
     )
 
 
 def run_demo(
     out: str | Path = "runs/demo",
     minutes: float = 10.0,
-    backbone: str = "unet",
-    model_size: str = "small",
+    backbone: str = BACKBONE,
+    model_size: str | None = None,
     lr: float = 1e-3,
     seed: int = 0,
     n: int = 20000,
@@ -157,8 +169,11 @@ def run_demo(
     t0 = time.perf_counter()
     grid_path = sample_grid(out / "t2i" / "model", out / "samples.png", samples_per_prompt, seed)
     timings["sampling"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = shapes_eval(out / "t2i", seed)
+    timings["ShapesEval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-    return write_report(out, grid_path, timings, precision, ceiling)
+    return write_report(out, grid_path, timings, precision, ceiling, scores)
 
 
 def vae_stop(every_n_steps: int = 100, after_minutes: float = 0.0) -> StopWhen:
@@ -192,6 +207,22 @@ def vae_ceiling(vae_dir: Path) -> dict[str, float]:
 
 
 @torch.no_grad()
+def shapes_eval(run: Path, seed: int) -> dict[str, float]:
+    """ShapesEval of the trained model (:data:`EVAL_SAMPLES` per prompt, 25 steps, its own guidance, the held-out pair
+    too), written to ``run/eval/shapes_eval.json`` as ``cyclediffusion eval`` writes it; returns the accuracies."""
+    from .eval import build_suite, evaluate_pipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = Text2ImagePipeline.from_pretrained(run / "model", device=device)
+    report = evaluate_pipeline(
+        pipe, build_suite(held_out=DEMO_HOLDOUT), EVAL_SAMPLES, num_inference_steps=25, seed=seed, progress=False
+    )
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "shapes_eval.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return {"overall": report.overall, **report.accuracy}
+
+
+@torch.no_grad()
 def sample_grid(model_dir: Path, path: Path, per_prompt: int, seed: int) -> Path:
     """Draw each demo prompt ``per_prompt`` times (colours down, shapes and seeds across)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -209,7 +240,12 @@ def sample_grid(model_dir: Path, path: Path, per_prompt: int, seed: int) -> Path
 
 
 def write_report(
-    out: Path, grid: Path, timings: dict[str, float], precision: str, ceiling: dict[str, float] | None = None
+    out: Path,
+    grid: Path,
+    timings: dict[str, float],
+    precision: str,
+    ceiling: dict[str, float] | None = None,
+    scores: dict[str, float] | None = None,
 ) -> Path:
     """A short Markdown report: timings, final losses, the VAE's latent scaling and ShapesEval ceiling, and the
     sample grid."""
@@ -225,7 +261,8 @@ def write_report(
         "| stage | minutes | steps | final loss |",
         "| --- | --- | --- | --- |",
     ]
-    for stage, folder in (("data", None), ("vae", "vae"), ("text-to-image", "t2i"), ("sampling", None)):
+    stages = [("data", None), ("vae", "vae"), ("text-to-image", "t2i"), ("sampling", None), ("ShapesEval", None)]
+    for stage, folder in [(stage, folder) for stage, folder in stages if stage in timings]:
         steps, loss = "", ""
         if folder:
             rows = read_metrics(out / folder / "logs" / "metrics.jsonl")
@@ -246,8 +283,25 @@ def write_report(
             f" binding {ceiling['attribute_binding']:.2f}, relations {ceiling['relative_position']:.2f}.",
             "",
         ]
+    if scores:
+        names = [name for name in scores if name != "overall"]
+        lines += [
+            f"ShapesEval of the model ({EVAL_SAMPLES} samples per prompt, 25 steps, guidance {DEFAULT_GUIDANCE:g}; "
+            f"held out of training: {', '.join(DEMO_HOLDOUT)}; `{out / 't2i' / 'eval' / 'shapes_eval.json'}`):",
+            "",
+            "| " + " | ".join(names) + " | overall |",
+            "|" + " ---: |" * (len(names) + 1),
+            "| " + " | ".join(f"{scores[n]:.3f}" for n in names) + f" | {scores['overall']:.3f} |",
+            "",
+        ]
     lines += [
-        "Rows: " + ", ".join(GRID_COLOURS) + "; columns: " + ", ".join(GRID_SHAPES) + " (two seeds each).",
+        "Rows: "
+        + ", ".join(GRID_COLOURS)
+        + "; columns: "
+        + ", ".join(GRID_SHAPES)
+        + " (two seeds each; "
+        + ", ".join(DEMO_HOLDOUT)
+        + " never seen in training).",
         "",
         f"![samples]({grid.name})",
         "",

@@ -217,7 +217,9 @@ class ModelOptions:
     text_heads: int = option(4, "text encoder attention heads", parse=positive_int)
     text_refiner_layers: int = option(0, "bidirectional text blocks on top of the causal ones (each word sees all)")
     text_layer_mix: bool = option(False, "token states mix every text block's output with learned weights")
-    mask_padding: bool = option(False, "cross-attention ignores the caption's padding tokens")
+    mask_padding: bool = option(
+        True, "cross-attention ignores the caption's padding tokens (--no-mask-padding: attends to all of them)"
+    )
     coord_channels: bool = option(False, "U-Net: two input channels with each cell's (y, x), for absolute position")
     attention_positions: bool = option(
         False, "U-Net: each transformer adds a learned map of 2-D sin-cos cell positions to its tokens"

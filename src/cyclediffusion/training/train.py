@@ -258,11 +258,14 @@ def export_vae(vae: AutoencoderKL, dataset: Dataset | CaptionedStream, path: Pat
 
 
 # --------------------------------------------------------------------------- text-to-image
-def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) -> Path:
+def train_text2image(
+    data: DataOptions, run: RunOptions, model: ModelOptions, callbacks: Sequence[L.Callback] = ()
+) -> Path:
     """Train a text encoder and denoiser jointly (latent space with ``model.vae``, else pixels); export to OUT/model.
 
     With ``model.init_from`` training starts from an exported pipeline; with ``model.captioner`` the
     step adds the cycle-consistency loss (see :class:`~cyclediffusion.training.options.CycleConfig`).
+    ``callbacks`` join the run's own (e.g. a probe of the model every few steps).
     """
     out = start_run(run, data=data, model=model)
     captioner = load_captioner(model.captioner, data.image_size) if model.captioner else None
@@ -304,10 +307,10 @@ def train_text2image(data: DataOptions, run: RunOptions, model: ModelOptions) ->
         captioner_device=model.captioner_device,
         train_text_encoder=model.train_text_encoder,
     )
-    callbacks: list[L.Callback] = [Export(out / "model", save, run.export_every)]
+    own: list[L.Callback] = [Export(out / "model", save, run.export_every)]
     if run.sample_every:
-        callbacks.append(SampleGrid(model.sample_prompts, out / "samples", run.sample_every, seed=run.seed))
-    trainer = fit(module, dataset, run, steps, data.num_workers, callbacks)
+        own.append(SampleGrid(model.sample_prompts, out / "samples", run.sample_every, seed=run.seed))
+    trainer = fit(module, dataset, run, steps, data.num_workers, [*own, *callbacks])
     if trainer.is_global_zero:
         export_atomically(save, module, out / "model")
     return out / "model"
