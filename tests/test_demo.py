@@ -27,4 +27,8 @@ def test_demo_writes_models_grid_and_report(tmp_path):
     assert isinstance(pipe.noise_process, FlowMatching)  # the demo's recipe (DDPM learns shapes slower)
     images = pipe(demo_prompts()[:2], num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
-    assert len((out / "data" / "metadata.jsonl").read_text().splitlines()) == 256
+    rows = (out / "data" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 256 and not any("purple triangle" in row for row in rows)  # the held-out pair
+    scores = json.loads((out / "t2i" / "eval" / "shapes_eval.json").read_text())
+    assert scores["categories"]["held_out"]["n"] > 0  # the report scores the pair it never trained on
+    assert f"| {scores['overall']:.3f} |" in text  # and its table is that evaluation's

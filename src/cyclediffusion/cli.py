@@ -249,9 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         sampler=args.sampler,
     )
     out = Path(args.out) if args.out else model_dir.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shapes_eval.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    report.save_failure_grid(out / "failures.png")
+    report.save(out)
     print(report.table())
     print(f"wrote {out / 'shapes_eval.json'} and {out / 'failures.png'}")
     if args.captioner:

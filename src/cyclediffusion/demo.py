@@ -167,10 +167,13 @@ def run_demo(
     timings["text-to-image"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    grid_path = sample_grid(out / "t2i" / "model", out / "samples.png", samples_per_prompt, seed)
+    pipe = Text2ImagePipeline.from_pretrained(
+        out / "t2i" / "model", device="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    grid_path = sample_grid(pipe, out / "samples.png", samples_per_prompt, seed)
     timings["sampling"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = shapes_eval(out / "t2i", seed)
+    scores = shapes_eval(pipe, out / "t2i" / "eval", seed)
     timings["ShapesEval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return write_report(out, grid_path, timings, precision, ceiling, scores)
@@ -207,26 +210,21 @@ def vae_ceiling(vae_dir: Path) -> dict[str, float]:
 
 
 @torch.no_grad()
-def shapes_eval(run: Path, seed: int) -> dict[str, float]:
+def shapes_eval(pipe: Text2ImagePipeline, folder: Path, seed: int) -> dict[str, float]:
     """ShapesEval of the trained model (:data:`EVAL_SAMPLES` per prompt, 25 steps, its own guidance, the held-out pair
-    too), written to ``run/eval/shapes_eval.json`` as ``cyclediffusion eval`` writes it; returns the accuracies."""
+    too), saved to ``folder`` as ``cyclediffusion eval`` saves it; returns the accuracies."""
     from .eval import build_suite, evaluate_pipeline
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = Text2ImagePipeline.from_pretrained(run / "model", device=device)
     report = evaluate_pipeline(
         pipe, build_suite(held_out=DEMO_HOLDOUT), EVAL_SAMPLES, num_inference_steps=25, seed=seed, progress=False
     )
-    (run / "eval").mkdir(exist_ok=True)
-    (run / "eval" / "shapes_eval.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    report.save(folder)
     return {"overall": report.overall, **report.accuracy}
 
 
 @torch.no_grad()
-def sample_grid(model_dir: Path, path: Path, per_prompt: int, seed: int) -> Path:
+def sample_grid(pipe: Text2ImagePipeline, path: Path, per_prompt: int, seed: int) -> Path:
     """Draw each demo prompt ``per_prompt`` times (colours down, shapes and seeds across)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = Text2ImagePipeline.from_pretrained(model_dir, device=device)
     prompts = demo_prompts()
     images = pipe(
         prompts,

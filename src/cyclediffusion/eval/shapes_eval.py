@@ -302,6 +302,15 @@ class EvalReport:
         categories |= {c: {"n": n, "accuracy": self.accuracy[c]} for c, n in self.counts.items()}
         return {"overall": self.overall, "categories": categories, "records": self.records, "failures": self.failures}
 
+    def save(self, folder: str | Path) -> Path:
+        """Write ``shapes_eval.json`` (:meth:`to_json`) and ``failures.png`` (:meth:`save_failure_grid`) to
+        ``folder``, as ``cyclediffusion eval`` does; returns the JSON's path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "shapes_eval.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        self.save_failure_grid(folder / "failures.png")
+        return folder / "shapes_eval.json"
+
     def save_failure_grid(self, path: str | Path, max_images: int = 64, cell: int = 64) -> Path | None:
         """Write up to ``max_images`` distinct failed images as a PNG grid (row by row) at ``path`` and their
         prompts, categories, criteria and detections, in the same order, to ``path`` with suffix ``.json``.
