@@ -25,7 +25,9 @@ import statistics
 import time
 from pathlib import Path
 
+import lightning as L
 from common import machine_line, training_device, versions_line
+from lightning.pytorch.callbacks import Timer
 
 from cyclediffusion.data.shapes import write_imagefolder
 from cyclediffusion.demo import BACKBONE, DEMO_WORLD, IMAGE_SIZE, MASK_PADDING, MODEL_SIZE, demo_model
@@ -40,10 +42,13 @@ from cyclediffusion.training import (
     train_text2image,
     train_vae,
 )
+from cyclediffusion.training.callbacks import export_atomically, inference_module
+from cyclediffusion.training.train import save_pipeline
 
 NO_CYCLE = CycleConfig(weight=0.0)  # the captioner as REPA's encoder only
 DIT = {"backbone": BACKBONE, "model_size": MODEL_SIZE}
-CAPTIONS = {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}
+CAPTIONS = {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}  # the demo's now
+SINGLE70 = {"kinds": {"single": 0.7, "count": 0.1, "pair": 0.1, "relation": 0.1}, "p_position": 0.5}  # until 12-05
 # name -> (model option overrides, caption-world overrides, run option overrides)
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "base": ({}, {}, {}),
@@ -55,9 +60,12 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit": (DIT, {}, {}),
     "dit_mask": ({**DIT, "mask_padding": MASK_PADDING}, {}, {}),  # the demo's recipe
     "dit_caps": ({**DIT, "mask_padding": True}, CAPTIONS, {}),
+    "dit_single70": ({**DIT, "mask_padding": True}, SINGLE70, {}),
     "dit_refiner": ({**DIT, "mask_padding": True, "text_refiner_layers": 1}, {}, {}),
     "dit_wide": ({**DIT, "mask_padding": True, "dit_hidden_size": 192}, {}, {}),
     "dit_deep": ({**DIT, "mask_padding": True, "dit_depth": 6}, {}, {}),
+    "dit_lr2": ({**DIT, "mask_padding": True}, {}, {"lr": 2e-3}),
+    "dit_nopool": ({**DIT, "mask_padding": True, "pooled_text": False}, {}, {}),
     "dit_mask_imm": ({**DIT, "mask_padding": True, "immiscible_noise": True}, {}, {}),
     "attn8": ({"model_size": "medium"}, {}, {}),
     "captions": ({}, CAPTIONS, {}),
@@ -73,6 +81,35 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "repa_cap": ({"repa_weight": 0.5, "repa_encoder": "captioner", "repa_until": 0.5, "cycle": NO_CYCLE}, {}, {}),
     "all": ({"mask_padding": True, "text_refiner_layers": 1, "coord_channels": True}, CAPTIONS, {}),
 }
+
+
+class Snapshots(L.Callback):
+    """Exports the inference model (EMA weights) to ``RUN/model_at_{m}min`` once ``m`` minutes of training have
+    passed, for each ``m`` in ``minutes``, by Lightning's own training clock (the one ``--minutes`` stops a run
+    by): with a constant learning rate a snapshot at ``m`` minutes is the model an ``m``-minute run ends with, so
+    one long run gives the whole scaling curve."""
+
+    def __init__(self, run: Path, minutes: list[float]) -> None:
+        self.run, self.pending = run, sorted(minutes)
+        self.start = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self, trainer: L.Trainer) -> float:
+        for cb in trainer.callbacks:
+            if isinstance(cb, Timer):
+                return cb.time_elapsed()
+        return time.perf_counter() - self.start
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        while self.pending and self.elapsed(trainer) >= 60 * self.pending[0]:
+            folder = self.folder(self.pending.pop(0))
+            export_atomically(save_pipeline, inference_module(trainer, pl_module), folder)
+            (folder / "step.txt").write_text(f"{trainer.global_step}\n")
+
+    def folder(self, minutes: float) -> Path:
+        return self.run / f"model_at_{minutes:g}min"
 
 
 def world_data(demo: Path, root: Path, name: str, world: dict, n: int) -> Path:
@@ -125,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pause-file", help="before each run, wait while this file exists (frees the CPU for a while)")
     parser.add_argument("--merge", action="store_true", help="keep the other runs of an earlier JSON in --out")
     parser.add_argument("--reference", default="base", help="the variant the paired differences are taken to")
+    parser.add_argument(
+        "--snapshots", default="", help="minutes (e.g. 10,30): also evaluate the model each run had by then"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.variants.split(",")
@@ -132,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    snapshot_minutes = [float(m) for m in args.snapshots.split(",") if m]
     demo = quick_demo(out / "demo") if args.quick else Path(args.demo)
     n = sum(1 for _ in (demo / "data" / "metadata.jsonl").open())
     device, precision = training_device()
@@ -161,32 +202,36 @@ def main(argv: list[str] | None = None) -> dict:
                 seed=seed, checkpoint_every=10**9, resume=False, progress=False, **run_options,
             )  # fmt: skip
             data_options = DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True)
-            model_dir = train_text2image(data_options, options, model)
+            snapshots = Snapshots(run, snapshot_minutes)
+            model_dir = train_text2image(data_options, options, model, callbacks=[snapshots])
             caches.setdefault(data, run)
             steps = json.loads((run / "logs" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-            t0 = time.perf_counter()
-            pipe = Text2ImagePipeline.from_pretrained(model_dir, device=device)
-            report = evaluate_pipeline(
-                pipe, suite, samples_per_prompt=1 if args.quick else args.samples_per_prompt,
-                num_inference_steps=25, seed=seed, progress=False,
-            )  # fmt: skip
-            results.setdefault(name, []).append(
-                {
-                    "seed": seed,
-                    "steps": steps,
-                    "eval_seconds": time.perf_counter() - t0,
-                    "overall": report.overall,
-                    **report.accuracy,
-                }  # fmt: skip
-            )
-            results[name].sort(key=lambda r: r["seed"])
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a crash loses one run
+            evaluated = [(name, model_dir, steps)] + [
+                (f"{name}@{m:g}min", snapshots.folder(m), int((snapshots.folder(m) / "step.txt").read_text()))
+                for m in snapshot_minutes
+                if snapshots.folder(m).is_dir()
+            ]
+            for key, folder, at_step in evaluated:
+                t0 = time.perf_counter()
+                pipe = Text2ImagePipeline.from_pretrained(folder, device=device)
+                report = evaluate_pipeline(
+                    pipe, suite, samples_per_prompt=1 if args.quick else args.samples_per_prompt,
+                    num_inference_steps=25, seed=seed, progress=False,
+                )  # fmt: skip
+                scores = {"overall": report.overall, **report.accuracy}
+                row = {"seed": seed, "steps": at_step, "eval_seconds": time.perf_counter() - t0, **scores}
+                results[key] = sorted([r for r in results.get(key, []) if r["seed"] != seed] + [row], key=seed_of)
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a crash loses one run
     print(machine_line(device) + f", training precision {precision}")
     print(versions_line())
     print(f"{args.minutes:g} min of training per run, seeds {args.seeds}, {args.samples_per_prompt} samples/prompt\n")
     print(table(results, [c for c in CATEGORIES if c in results[names[0]][0]], args.reference))
     return results
+
+
+def seed_of(row: dict) -> int:
+    return row["seed"]
 
 
 def table(results: dict[str, list[dict]], categories: list[str], reference: str = "base") -> str:

@@ -7,6 +7,7 @@ import math
 import re
 
 import pytest
+import torch
 import yaml
 
 from cyclediffusion import Text2ImagePipeline
@@ -122,11 +123,16 @@ def test_composition_ablation_quick(capsys, tmp_path):
     assert (tmp_path / "data_all" / "metadata.jsonl").is_file()  # the caption variant wrote its own world
     mixed = Text2ImagePipeline.from_pretrained(tmp_path / "all_s0")
     assert mixed.text_encoder.config.refiner_layers == 1 and mixed.denoiser.config.coord_channels
-    # --merge adds a variant to the saved table; run options reach the run
+    # --merge adds a variant to the saved table; run options reach the run; --snapshots evaluates the model a run
+    # had after those minutes (0: after its first step) as a row of its own
     merged = load("composition_ablation").main(
-        ["--quick", "--out", str(tmp_path), "--variants", "fast", "--seeds", "0", "--merge"]
+        ["--quick", "--out", str(tmp_path), "--variants", "fast", "--seeds", "0", "--merge", "--snapshots", "0"]
     )
-    assert list(merged) == ["base", "all", "fast"] and merged["base"] == results["base"]
+    assert list(merged) == ["base", "all", "fast", "fast@0min"] and merged["base"] == results["base"]
+    assert merged["fast"][0]["steps"] == 2 and merged["fast@0min"][0]["steps"] == 1
+    first, last = (Text2ImagePipeline.from_pretrained(tmp_path / "fast_s0" / f) for f in ("model_at_0min", "model"))
+    after = last.denoiser.state_dict()
+    assert any(not torch.equal(w, after[k]) for k, w in first.denoiser.state_dict().items())  # EMA moved on
     assert yaml.safe_load((tmp_path / "fast_s0" / "options.yaml").read_text())["run"]["lr_schedule"] == "cosine"
 
 

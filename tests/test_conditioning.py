@@ -40,6 +40,26 @@ def test_padding_mask_changes_nothing_without_padding_and_removes_its_influence(
         assert not torch.allclose(net(x, t, other, pooled), plain)  # unmasked, the padding does matter
 
 
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_without_pooled_text_the_caption_acts_through_cross_attention_only(backbone):
+    tok = tiny_tokenizer()
+    options = {
+        pooled: ModelOptions(backbone=backbone, model_size="tiny", text_width=32, pooled_text=pooled)
+        for pooled in (True, False)
+    }
+    built = {pooled: o.build(tok, None, 8) for pooled, o in options.items()}
+    assert built[True]["denoiser"].config.pooled_dim == 32 and built[False]["denoiser"].config.pooled_dim is None
+    x, t, context = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 12, 32)
+    outputs = {}
+    for pooled, parts in built.items():
+        net = parts["denoiser"].eval()
+        randomise_zeros(net)
+        with torch.no_grad():
+            outputs[pooled] = [net(x, t, context, torch.randn(2, 32)) for _ in range(2)]  # two pooled vectors
+    assert not torch.allclose(*outputs[True])  # with it, the pooled state changes the output
+    torch.testing.assert_close(*outputs[False], rtol=0, atol=0)  # without it, nothing but the context does
+
+
 def test_refiner_layers_let_a_word_see_the_words_after_it_but_never_the_padding():
     later = IDS.clone()
     later[0, 3] = 9  # change the third word

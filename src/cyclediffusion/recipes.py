@@ -95,16 +95,18 @@ def build_denoiser(
     sample_size: int,
     context_dim: int,
     base_channels: int | None = None,
+    pooled: bool = True,
     **overrides: Any,
 ) -> UNet | DiT:
     """A U-Net or DiT of a named size for ``in_channels`` x ``sample_size``^2 inputs and ``context_dim`` text states.
 
     ``overrides`` change single config fields (``depth=12``, ``num_heads=12``; heads given without a width keep the
     size's head width, so the width follows); ``base_channels`` sets the U-Net's first level and keeps the ratios of
-    the later ones. The pooled text state has the context's width.
+    the later ones. With ``pooled`` the pooled text state (the context's width) joins the time embedding; without it
+    the caption reaches the denoiser through cross-attention only.
     """
     common = {"in_channels": in_channels, "out_channels": in_channels, "sample_size": sample_size}
-    common |= {"context_dim": context_dim, "pooled_dim": context_dim}
+    common |= {"context_dim": context_dim, "pooled_dim": context_dim if pooled else None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if backbone == "unet":
         spec = named_size("unet", size)

@@ -220,6 +220,10 @@ class ModelOptions:
     mask_padding: bool = option(
         True, "cross-attention ignores the caption's padding tokens (--no-mask-padding: attends to all of them)"
     )
+    pooled_text: bool = option(
+        True, "the pooled caption state also conditions every position, with the time (--no-pooled-text: the "
+        "caption reaches the denoiser through cross-attention only)"
+    )  # fmt: skip
     coord_channels: bool = option(False, "U-Net: two input channels with each cell's (y, x), for absolute position")
     attention_positions: bool = option(
         False, "U-Net: each transformer adds a learned map of 2-D sin-cos cell positions to its tokens"
@@ -267,6 +271,7 @@ class ModelOptions:
         latents of ``vae`` (pixels without one) at ``image_size``, built by :mod:`cyclediffusion.recipes`."""
         channels, side = self.latent_shape(vae, image_size)
         arch = {"in_channels": channels, "sample_size": side, "context_dim": self.text_width, **self.architecture()}
+        arch["pooled"] = self.pooled_text
         return {
             "text_encoder": build_text_encoder(
                 tokenizer,
