@@ -3,6 +3,8 @@ colours to objects, count and place things, at equal training time.
 
     python benchmarks/composition_ablation.py --demo runs/demo --minutes 5 --seeds 0,1            # the screen
     python benchmarks/composition_ablation.py --demo runs/demo --minutes 10 --seeds 0,1,2 --variants base,text
+    python benchmarks/composition_ablation.py --demo runs/demo --minutes 60 --seeds 0 --variants dit_mask \
+        --snapshots 10,30                                        # a scaling curve: 10, 30 and 60 minutes, one run
     python benchmarks/composition_ablation.py --quick                                            # seconds, tiny
 
 Every run is ``cyclediffusion train`` with the recipe the screens started from (``base``: flow matching,
