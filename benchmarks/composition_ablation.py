@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merge", action="store_true", help="keep the other runs of an earlier JSON in --out")
     parser.add_argument("--reference", default="base", help="the variant the paired differences are taken to")
     parser.add_argument(
-        "--snapshots", default="", help="minutes (e.g. 10,30): also evaluate the model each run had by then"
-    )
+        "--snapshots", type=minutes_list, default=[], help="minutes (e.g. 10,30): also evaluate the model each run "
+        "had by then"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.variants.split(",")
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    snapshot_minutes = [float(m) for m in args.snapshots.split(",") if m]
+    snapshot_minutes = args.snapshots
     demo = quick_demo(out / "demo") if args.quick else Path(args.demo)
     n = sum(1 for _ in (demo / "data" / "metadata.jsonl").open())
     device, precision = training_device()
@@ -230,6 +231,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.minutes:g} min of training per run, seeds {args.seeds}, {args.samples_per_prompt} samples/prompt\n")
     print(table(results, [c for c in CATEGORIES if c in results[names[0]][0]], args.reference))
     return results
+
+
+def minutes_list(text: str) -> list[float]:
+    """``--snapshots``: comma-separated minutes, none negative."""
+    try:
+        minutes = [float(m) for m in text.split(",") if m]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected minutes such as 10,30, got {text!r}") from None
+    if any(m < 0 for m in minutes):
+        raise argparse.ArgumentTypeError(f"minutes cannot be negative, got {text!r}")
+    return minutes
 
 
 def seed_of(row: dict) -> int:

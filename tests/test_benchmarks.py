@@ -134,6 +134,10 @@ def test_composition_ablation_quick(capsys, tmp_path):
     after = last.denoiser.state_dict()
     assert any(not torch.equal(w, after[k]) for k, w in first.denoiser.state_dict().items())  # EMA moved on
     assert yaml.safe_load((tmp_path / "fast_s0" / "options.yaml").read_text())["run"]["lr_schedule"] == "cosine"
+    for bad in ("ten", "10,-5"):  # a one-line usage error, exit 2
+        with pytest.raises(SystemExit) as exit_info:
+            load("composition_ablation").main(["--quick", "--out", str(tmp_path), "--snapshots", bad])
+        assert exit_info.value.code == 2
 
 
 def test_first_step_quick(capsys, tmp_path):
