@@ -50,6 +50,7 @@ from cyclediffusion.training.train import save_pipeline
 NO_CYCLE = CycleConfig(weight=0.0)  # the captioner as REPA's encoder only
 DIT = {"backbone": BACKBONE, "model_size": MODEL_SIZE}
 CAPTIONS = {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}  # the demo's now
+PAIRS = {"kinds": {"single": 0.3, "count": 0.2, "pair": 0.3, "relation": 0.2}, "p_position": 0.8}
 SINGLE70 = {"kinds": {"single": 0.7, "count": 0.1, "pair": 0.1, "relation": 0.1}, "p_position": 0.5}  # until 12-05
 # name -> (model option overrides, caption-world overrides, run option overrides)
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
@@ -63,6 +64,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_mask": ({**DIT, "mask_padding": MASK_PADDING}, {}, {}),  # the demo's recipe
     "dit_caps": ({**DIT, "mask_padding": True}, CAPTIONS, {}),
     "dit_single70": ({**DIT, "mask_padding": True}, SINGLE70, {}),
+    "dit_pairs": ({**DIT, "mask_padding": True}, PAIRS, {}),
+    "dit_count4": ({**DIT, "mask_padding": True}, {"max_count": 4}, {}),
+    "dit_b32": ({**DIT, "mask_padding": True}, {}, {"batch_size": 32}),
     "dit_refiner": ({**DIT, "mask_padding": True, "text_refiner_layers": 1}, {}, {}),
     "dit_wide": ({**DIT, "mask_padding": True, "dit_hidden_size": 192}, {}, {}),
     "dit_deep": ({**DIT, "mask_padding": True, "dit_depth": 6}, {}, {}),
@@ -201,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
                 parser.error(f"variant {name} needs --captioner")
             model = variant_model(name, demo, args.quick, args.captioner)
             options = RunOptions(
-                out=str(run), **length, batch_size=16 if args.quick else 64, warmup=100, precision=precision,
-                seed=seed, checkpoint_every=10**9, resume=False, progress=False, **run_options,
+                out=str(run), **length, warmup=100, precision=precision, seed=seed, checkpoint_every=10**9,
+                resume=False, progress=False, **{"batch_size": 16 if args.quick else 64, **run_options},
             )  # fmt: skip
             data_options = DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True)
             snapshots = Snapshots(run, snapshot_minutes)

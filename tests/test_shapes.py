@@ -98,7 +98,11 @@ def soft_alpha(pixels: np.ndarray, colour: str) -> np.ndarray:
     return np.where(off_line, 0.0, alpha)
 
 
-@pytest.mark.parametrize("config", [CONFIG, replace(CONFIG, p_paraphrase=1.0)], ids=["plain", "paraphrased"])
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, replace(CONFIG, p_paraphrase=1.0), replace(CONFIG, kinds={"count": 1.0}, max_count=4)],
+    ids=["plain", "paraphrased", "counts-to-four"],
+)
 def test_captions_match_pixels(config):
     """Colour at each centre, one colour component per object, shape/size/position/relations by geometry.
 
@@ -163,8 +167,13 @@ def test_paraphrase_says_the_same_picture_the_other_way_round():
         ShapesConfig(p_paraphrase=1.5)
 
 
-def test_objects_stay_inside_and_apart():
-    for scene in scenes(2000):
+@pytest.mark.parametrize(
+    "config", [CONFIG, replace(CONFIG, kinds={"count": 1.0}, max_count=4)], ids=["default", "counts-to-four"]
+)
+def test_objects_stay_inside_and_apart(config):
+    drawn = scenes(2000, config)
+    assert {s.prompt.count for s in drawn if s.kind == "count"} == set(range(1, config.max_count + 1))
+    for scene in drawn:
         assert len(scene.objects) == (scene.prompt.count if scene.kind == "count" else len(scene.prompt.colours))
         for obj in scene.objects:
             r = SIZES[obj.size]
@@ -212,6 +221,7 @@ def test_grammar_covers_every_kind_and_word():
         "one white square",
         "two yellow circles",
         "three red squares",
+        "four blue triangles",
         "a red circle and a blue square",
         "a blue square above a green triangle",
         "a red circle to the left of a yellow square",
@@ -222,7 +232,7 @@ def test_example_captions_round_trip(caption):
 
 
 @pytest.mark.parametrize(
-    "caption", ["a red dog", "four red circles", "two red circle", "a red circle near a blue square", ""]
+    "caption", ["a red dog", "five red circles", "two red circle", "a red circle near a blue square", ""]
 )
 def test_parse_caption_rejects_other_text(caption):
     with pytest.raises(ValueError):
@@ -236,6 +246,8 @@ def test_config_validation():
         ShapesConfig(holdout=("purple hexagon",))
     with pytest.raises(ValueError):
         ShapesConfig(kinds={"single": 0.0})
+    with pytest.raises(ValueError, match="max_count"):
+        ShapesConfig(max_count=5)
 
 
 def test_prompt_suite_is_fixed_and_covers_every_kind():
@@ -288,3 +300,17 @@ def test_write_imagefolder_workers_and_speed(tmp_path):
     assert (two / "metadata.jsonl").read_text().splitlines() == (one / "metadata.jsonl").read_text().splitlines()[:300]
     for i in range(0, 300, 37):
         assert (two / f"{i:05d}.png").read_bytes() == (one / f"{i:05d}.png").read_bytes()
+
+
+def test_data_command_draws_the_world_it_is_told(tmp_path, capsys):
+    from cyclediffusion.cli import main
+
+    out = tmp_path / "counts"
+    argv = ["data", "shapes", "--out", str(out), "--n", "60", "--kinds", "count=1", "--max-count", "4"]
+    assert main([*argv, "--texture", "0"]) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"count"}
+    assert {len(r["objects"]) for r in rows} == {1, 2, 3, 4}
+    assert all(r["text"].startswith("four ") for r in rows if len(r["objects"]) == 4)
+    assert main([*argv[:-1], "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "max_count" in capsys.readouterr().err

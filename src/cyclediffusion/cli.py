@@ -96,7 +96,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
     world = {"kinds": args.kinds} if args.kinds else {}
     world |= {"p_size": args.p_size, "p_position": args.p_position, "p_paraphrase": args.p_paraphrase}
-    world |= {"texture": args.texture}
+    world |= {"texture": args.texture, "max_count": args.max_count}
     config = ShapesConfig(size=args.size, holdout=tuple(args.holdout), **world)
     path = write_imagefolder(args.out, args.n, config, seed=args.seed)
     print(f"wrote {args.n} images and metadata.jsonl to {path}")
@@ -287,7 +287,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> Parser:
-    from .data.shapes import ShapesConfig, write_imagefolder
+    from .data.shapes import NUMBERS, ShapesConfig, write_imagefolder
     from .demo import run_demo
     from .eval import evaluate_pipeline
     from .pipelines import Text2ImagePipeline
@@ -320,6 +320,8 @@ def build_parser() -> Parser:
     flag(p, "--p-paraphrase", type=float, default=world.p_paraphrase, help="chance a pair or relation is said "
          "the other way round ('B to the right of A')")  # fmt: skip
     flag(p, "--texture", type=float, default=world.texture, help="background noise std in 0-255 units (0: plain)")
+    flag(p, "--max-count", type=positive_int, default=world.max_count, help="most objects a count caption names "
+         f"(up to {len(NUMBERS)}, '{NUMBERS[-1]}')")  # fmt: skip
     p.set_defaults(func=cmd_data)
 
     add_training_command(sub, "train-vae", "train the KL autoencoder and measure its latent scaling")

@@ -56,7 +56,7 @@ RELATIONS: tuple[str, ...] = ("above", "below", "to the left of", "to the right 
 CONVERSE: dict[str, str] = {"above": "below", "below": "above", "to the left of": "to the right of"}
 CONVERSE["to the right of"] = "to the left of"
 KINDS: dict[str, float] = {"single": 0.5, "count": 0.15, "pair": 0.2, "relation": 0.15}
-NUMBERS: tuple[str, ...] = ("one", "two", "three")
+NUMBERS: tuple[str, ...] = ("one", "two", "three", "four")
 MARGIN = 0.02  # least distance from a bounding box to the image border
 GAP = 0.05  # least distance between two bounding boxes (along x or y)
 JITTER = 0.04  # how far an object may move from its position anchor
@@ -297,7 +297,22 @@ def _scatter(rng: np.random.Generator, radii: list[float]) -> list[tuple[float, 
     for i in range(len(radii)):
         for j in range(i):
             ok &= np.abs(xy[:, i] - xy[:, j]).max(axis=1) >= radii[i] + radii[j] + GAP
-    return [(float(x), float(y)) for x, y in xy[int(ok.argmax())]] if ok.any() else []
+    if ok.any():
+        return [(float(x), float(y)) for x, y in xy[int(ok.argmax())]]
+    return _grid(rng, radii) if len(radii) <= 4 else []
+
+
+def _grid(rng: np.random.Generator, radii: list[float]) -> list[tuple[float, float]]:
+    """Centres in distinct cells of a 2 x 2 grid, each moved at random as far as its cell allows: four boxes
+    that uniform rejection almost never places; [] when the boxes are too large for the cells."""
+    r = max(radii)
+    slack = min(0.25 - r - GAP / 2, 0.25 - r - MARGIN)
+    if slack < 0:
+        return []
+    cells = rng.permutation(4)[: len(radii)]
+    anchors = np.array([(0.25 + 0.5 * (c % 2), 0.25 + 0.5 * (c // 2)) for c in cells])
+    xy = anchors + rng.uniform(-slack, slack, anchors.shape)
+    return [(float(x), float(y)) for x, y in xy]
 
 
 def layout(rng: np.random.Generator, prompt: Prompt, config: ShapesConfig) -> tuple[ShapeObject, ...]:
