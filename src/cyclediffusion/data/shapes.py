@@ -299,15 +299,14 @@ def _scatter(rng: np.random.Generator, radii: list[float]) -> list[tuple[float, 
             ok &= np.abs(xy[:, i] - xy[:, j]).max(axis=1) >= radii[i] + radii[j] + GAP
     if ok.any():
         return [(float(x), float(y)) for x, y in xy[int(ok.argmax())]]
-    return _grid(rng, radii) if len(radii) <= 4 else []
+    return _grid(rng, radii)
 
 
 def _grid(rng: np.random.Generator, radii: list[float]) -> list[tuple[float, float]]:
     """Centres in distinct cells of a 2 x 2 grid, each moved at random as far as its cell allows: four boxes
-    that uniform rejection almost never places; [] when the boxes are too large for the cells."""
-    r = max(radii)
-    slack = min(0.25 - r - GAP / 2, 0.25 - r - MARGIN)
-    if slack < 0:
+    that uniform rejection almost never places; [] for more than four boxes or boxes too large for the cells."""
+    slack = 0.25 - max(radii) - max(GAP / 2, MARGIN)
+    if len(radii) > 4 or slack < 0:
         return []
     cells = rng.permutation(4)[: len(radii)]
     anchors = np.array([(0.25 + 0.5 * (c % 2), 0.25 + 0.5 * (c // 2)) for c in cells])
