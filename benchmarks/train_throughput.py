@@ -18,8 +18,8 @@ import torch
 from common import machine_line, sync, versions_line
 from torch.utils.flop_counter import FlopCounterMode
 
-from cyclediffusion.models import DiT, DiTConfig, UNet, UNetConfig
-from cyclediffusion.recipes import DIT_PRESETS, UNET_SIZES
+from cyclediffusion.models import UNet, UNetConfig
+from cyclediffusion.recipes import UNET_SIZES, build_denoiser
 
 CONTEXT, TOKENS = 128, 16
 
@@ -67,10 +67,9 @@ def ours_unet(size: int, spec: dict) -> torch.nn.Module:
     )
 
 
-def ours_dit(size: int, spec: dict) -> torch.nn.Module:
-    return DiT(
-        DiTConfig(in_channels=4, out_channels=4, sample_size=size, context_dim=CONTEXT, pooled_dim=CONTEXT, **spec)
-    )
+def ours_dit(size: int, name: str) -> torch.nn.Module:
+    """The DiT that ``train --backbone dit --model-size NAME`` builds (the recipe's exact GELU included)."""
+    return build_denoiser("dit", name, in_channels=4, sample_size=size, context_dim=CONTEXT)
 
 
 def diffusers_unet(size: int, channels: tuple[int, ...], layers: int) -> torch.nn.Module | None:
@@ -108,7 +107,8 @@ def diffusers_unet(size: int, channels: tuple[int, ...], layers: int) -> torch.n
 def measure(model: torch.nn.Module, size: int, batch: int, steps: int, precision: str, device: str):
     """(images/s, FLOPs per training step) of forward + backward + AdamW."""
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW, as training uses on CPUs and CUDA (the same optimiser for every model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.split(":")[0] in ("cpu", "cuda"))
     x = torch.randn(batch, 4, size, size, device=device)
     t = torch.rand(batch, device=device) * 1000
     context = torch.randn(batch, TOKENS, CONTEXT, device=device)
@@ -138,9 +138,9 @@ def measure(model: torch.nn.Module, size: int, batch: int, steps: int, precision
 def rows(sizes: list[str]) -> list[tuple[str, int, Callable[[], torch.nn.Module | None]]]:
     """The models of the named sizes: demo (8x8 latents), large (16x16), gpu (32x32: U-Net base, DiT-B/2)."""
     known = {
-        "demo": (8, UNET_SIZES["small"], DIT_PRESETS["tiny"]),
-        "large": (16, UNET_SIZES["base"], DIT_PRESETS["DiT-S/2"]),
-        "gpu": (32, UNET_SIZES["base"], DIT_PRESETS["DiT-B/2"]),
+        "demo": (8, UNET_SIZES["small"], "tiny"),
+        "large": (16, UNET_SIZES["base"], "DiT-S/2"),
+        "gpu": (32, UNET_SIZES["base"], "DiT-B/2"),
     }
     unknown = set(sizes) - set(known)
     if unknown:

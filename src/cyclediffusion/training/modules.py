@@ -153,8 +153,14 @@ class StepModule(L.LightningModule):
             {"params": decay, "weight_decay": self.optim.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=fused)
+        # the fused kernel (CUDA and CPU) updates every tensor in one call: 1.5 ms a step for the demo's 1.6M
+        # parameters on 2 CPU cores, against 8 ms for the default per-tensor loop (same maths)
+        fused = self.device.type in ("cuda", "cpu")
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=fused or None)
+        # A fused optimiser can take GradScaler's scale into its kernel, and Lightning then refuses to clip
+        # gradients. Without the flag GradScaler unscales the gradients before the step (as for any optimiser), so
+        # clipping sees true gradients under fp16 and bf16 alike.
+        opt._step_supports_amp_scaling = False
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.optim.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -259,6 +265,7 @@ class DiffusionModule(StepModule):
     ) -> None:
         super().__init__(optim, seed)
         self.immiscible_noise = immiscible_noise
+        self._loss_bins: torch.Tensor | None = None  # (sum, count) per noise bin since the last logged step
         self.repa = RepresentationAlignment(denoiser, repa_encoder.dim) if repa_encoder is not None else None
         self.repa_weight, self.repa_until = repa_weight, repa_until
         self.captioner_device = captioner_device
@@ -373,12 +380,27 @@ class DiffusionModule(StepModule):
         if out.cycle is not None:
             extra["cycle_loss"] = out.cycle
         self.log_losses(out.loss, local, **extra)
-        bins = (out.denoise.level * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
-        for b in range(LOSS_BINS):
-            mask = bins == b
-            if mask.any():
-                self.log(f"loss_by_noise/bin{b}", out.denoise.loss[mask].mean(), batch_size=int(mask.sum()))
+        self.log_loss_by_noise(out.denoise)
         return out.loss
+
+    def log_loss_by_noise(self, denoise: TrainingLoss) -> None:
+        """Sums the denoising loss per tenth of the noise scale over the steps since the last logging step and logs
+        each bin's mean there (``loss_by_noise/bin0`` .. ``bin9``): one scatter per step, ten logs per interval."""
+        loss = denoise.loss.detach().float()
+        bins = (denoise.level.detach() * LOSS_BINS).long().clamp(0, LOSS_BINS - 1)
+        if self._loss_bins is None or self._loss_bins.device != loss.device:
+            self._loss_bins = torch.zeros(2, LOSS_BINS, device=loss.device)
+        self._loss_bins[0].index_add_(0, bins, loss)
+        self._loss_bins[1].index_add_(0, bins, torch.ones_like(loss))
+        if self._trainer is not None:
+            step, every = self.trainer.global_step, max(1, self.trainer.log_every_n_steps)
+            if step and (step + 1) % every:
+                return  # not a step whose metrics are written (MetricsFile, TensorBoard)
+        sums, counts = self._loss_bins.tolist()
+        self._loss_bins.zero_()
+        for b, (total, n) in enumerate(zip(sums, counts)):
+            if n:
+                self.log(f"loss_by_noise/bin{b}", total / n, batch_size=int(n))
 
 
 class CaptionerModule(StepModule):
