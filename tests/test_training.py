@@ -149,6 +149,9 @@ def test_ema_update_is_the_warmed_up_average():
         ema_multi_avg_fn(0.999)(averaged, current, torch.tensor(n))
         for a, e in zip(averaged, expected):
             torch.testing.assert_close(a, e, atol=1e-6, rtol=0)
+    ids, new_ids = [torch.arange(4)], [torch.arange(4) + 2]  # integer buffers follow the model
+    ema_multi_avg_fn(0.999)(ids, new_ids, torch.tensor(5))
+    assert torch.equal(ids[0], new_ids[0])
 
 
 def test_loss_by_noise_is_the_mean_over_the_logging_interval(monkeypatch):

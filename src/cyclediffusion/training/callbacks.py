@@ -28,6 +28,10 @@ def ema_multi_avg_fn(decay: float):
     """EMA update of all tensors at once (one fused lerp per device and dtype): ``a += (1 - d) (current - a)``."""
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        # AveragedModel groups the tensors by device and dtype; integer buffers (token position ids) are copied
+        if averaged and not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
         torch._foreach_lerp_(averaged, current, 1 - ema_decay_at(decay, int(num_averaged)))
 
     return update
