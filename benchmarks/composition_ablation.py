@@ -67,6 +67,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_pairs": ({**DIT, "mask_padding": True}, PAIRS, {}),
     "dit_count4": ({**DIT, "mask_padding": True}, {"max_count": 4}, {}),
     "dit_b32": ({**DIT, "mask_padding": True}, {}, {"batch_size": 32}),
+    "dit_wsd": ({**DIT, "mask_padding": True}, {}, {"lr_schedule": "wsd"}),
     "dit_refiner": ({**DIT, "mask_padding": True, "text_refiner_layers": 1}, {}, {}),
     "dit_wide": ({**DIT, "mask_padding": True, "dit_hidden_size": 192}, {}, {}),
     "dit_deep": ({**DIT, "mask_padding": True, "dit_depth": 6}, {}, {}),

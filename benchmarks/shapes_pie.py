@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -71,6 +72,7 @@ DEFAULT_VARIANTS = ("cycle", "cycle+p2p", "ef_ddpm", "ddim_inversion", "ddim_inv
 STRENGTHS = (0.6, 0.8, 1.0)
 LEVELS = (0.5, 0.75, 0.9)
 GATE_STRENGTH = 0.8
+PARTIAL = "records.jsonl"  # one line of settings, then every edit's record as its cell finishes
 
 
 # ----------------------------------------------------------------------------- the triplets
@@ -277,6 +279,34 @@ def sanity_gate(rows: list[dict], strength: float) -> dict:
     }
 
 
+def resume_records(
+    out: Path, settings: dict, cases: list[dict], shown: list[int]
+) -> tuple[list[dict], dict[str, np.ndarray], set[tuple[str, float, int]]]:
+    """The records, example rows and finished (variant, strength, seed) cells of an earlier run into ``out`` with
+    the same settings (a stopped run goes on where it stopped); otherwise a fresh ``out/records.jsonl``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path, header = out / PARTIAL, json.dumps(settings, sort_keys=True)
+    records: list[dict] = []
+    if path.is_file() and path.read_text().split("\n", 1)[0] == header:
+        records = [json.loads(line) for line in path.read_text().splitlines()[1:] if line.strip()]
+    else:
+        path.write_text(header + "\n")
+    cells: dict[tuple[str, float, int], int] = {}
+    for r in records:
+        key = (r["variant"], r["strength"], r["seed"])
+        cells[key] = cells.get(key, 0) + 1
+    done = {key for key, count in cells.items() if count == len(cases)}
+    records = [r for r in records if (r["variant"], r["strength"], r["seed"]) in done]
+    examples = {}
+    for name in {key[0] for key in done}:
+        saved = out / f"examples_{name}.npy"
+        if saved.is_file():
+            examples[name] = np.load(saved, allow_pickle=False)
+    if done:
+        print(f"resuming: {len(done)} finished cells read from {path}", file=sys.stderr)
+    return records, examples, done
+
+
 def fmt(value: float | None, std: float | None = None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -321,18 +351,33 @@ def main(argv: list[str] | None = None) -> dict:
     cases = make_triplets(args.n, size)
     shown = [i for k in range(len(EDIT_TYPES)) for i in range(k * args.n, k * args.n + 1)]
 
-    records, examples, t_start = [], {}, time.perf_counter()
-    for name, spec in specs.items():
-        for strength in strengths:
-            for seed in seeds:
-                t0 = time.perf_counter()
-                edited, nfe = run_variant(pipe, cases, spec, strength, seed, args)
-                seconds = (time.perf_counter() - t0) / len(cases)
-                for i, case in enumerate(cases):
-                    record = {"variant": name, "kind": case["kind"], "strength": strength, "seed": seed, "index": i}
-                    records.append(record | measure(case, edited[i]) | {"nfe": nfe, "seconds": seconds})
-                if seed == seeds[0] and strength == min(strengths, key=lambda s: abs(s - GATE_STRENGTH)):
-                    examples[name] = edited[shown]
+    out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "batch_size")}
+    records, examples, done = resume_records(out, settings, cases, shown)
+    t_start, cells = time.perf_counter(), len(specs) * len(strengths) * len(seeds)
+    with (out / PARTIAL).open("a") as log:
+        for name, spec in specs.items():
+            for strength in strengths:
+                for seed in seeds:
+                    if (name, strength, seed) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    edited, nfe = run_variant(pipe, cases, spec, strength, seed, args)
+                    seconds = (time.perf_counter() - t0) / len(cases)
+                    cell = []
+                    for i, case in enumerate(cases):
+                        record = {"variant": name, "kind": case["kind"], "strength": strength, "seed": seed, "index": i}
+                        cell.append(record | measure(case, edited[i]) | {"nfe": nfe, "seconds": seconds})
+                    if seed == seeds[0] and strength == min(strengths, key=lambda s: abs(s - GATE_STRENGTH)):
+                        examples[name] = edited[shown]
+                        np.save(out / f"examples_{name}.npy", examples[name])
+                    records += cell
+                    log.write("".join(json.dumps(r) + "\n" for r in cell))
+                    log.flush()
+                    done.add((name, strength, seed))
+                    success = sum(r["success"] for r in cell) / len(cell)
+                    print(f"[{len(done)}/{cells}] {name} strength {strength:g} seed {seed}: success {success:.3f}, "
+                          f"{seconds:.3f} s/edit", file=sys.stderr, flush=True)  # fmt: skip
     total = time.perf_counter() - t_start
 
     rows = []
@@ -378,16 +423,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nsanity gate: {json.dumps(gate)}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     grid_rows = [np.stack([cases[i]["image"] for i in shown]), np.stack([cases[i]["ideal"] for i in shown])]
     grid_rows += [examples[name] for name in specs if name in examples]
     grid = save_example_grid(grid_rows, size, out / "shapes_pie_examples.png")
     result = {
         "model": source,
         "image_size": size,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "device")},
-        "seconds": total,
+        "settings": settings,
+        "seconds": total,  # of this invocation (a resumed run's earlier cells not included)
         "rows": rows,
         "matched_success": summary,
         "sanity_gate": gate,

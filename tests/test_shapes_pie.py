@@ -41,9 +41,10 @@ def test_preservation_metrics_see_damage_outside_only():
     assert kept["psnr_out"] == 100.0 and kept["pie_psnr"] == 100.0  # only the mask's pixels changed
 
 
-def test_shapes_pie_quick(tmp_path, capsys):
+def test_shapes_pie_quick(tmp_path, capsys, monkeypatch):
     bench = load("shapes_pie")
-    result = bench.main(["--quick", "--out", str(tmp_path), "--batch-size", "7"])
+    args = ["--quick", "--out", str(tmp_path), "--batch-size", "7"]
+    result = bench.main(args)
     saved = json.loads((tmp_path / "shapes_pie.json").read_text())
     assert saved["settings"]["n"] == 2 and (tmp_path / "shapes_pie_examples.png").is_file()
     overall = {r["variant"]: r for r in result["rows"] if r["kind"] == "all"}
@@ -55,3 +56,17 @@ def test_shapes_pie_quick(tmp_path, capsys):
     assert 0 <= overall["cycle"]["gated_ssim_out"] <= overall["cycle"]["ssim_out"]
     assert result["sanity_gate"]["checked"]
     assert "sanity gate" in capsys.readouterr().out
+
+    # A run stopped after one and a half cells goes on where it stopped and ends with the same records.
+    partial = tmp_path / "records.jsonl"
+    partial.write_text("\n".join(partial.read_text().splitlines()[: 1 + 14 + 7]) + "\n")
+    edited = []
+    run_variant = bench.run_variant
+    monkeypatch.setattr(bench, "run_variant", lambda *a: edited.append(a[2]) or run_variant(*a))
+    resumed = bench.main(args)
+    assert len(edited) == 2 * len(overall) - 1  # every cell but the finished first one
+
+    def measured(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert measured(resumed["records"]) == measured(result["records"])

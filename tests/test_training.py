@@ -85,6 +85,19 @@ def test_lr_schedule():
     assert both.factor(20) == pytest.approx(0.0, abs=1e-12)  # the time does
 
 
+def test_wsd_schedule_is_flat_then_decays_linearly_over_the_last_share():
+    wsd = OptimConfig(warmup_steps=10, schedule="wsd", total_steps=110)  # 100 steps after warmup, decay share 0.2
+    assert wsd.factor(0) == pytest.approx(0.1)
+    assert [wsd.factor(s) for s in (10, 50, 90)] == pytest.approx([1.0, 1.0, 1.0])  # stable until 80% of the run
+    assert wsd.factor(100) == pytest.approx(0.5) and wsd.factor(110) == pytest.approx(0.0, abs=1e-12)
+    timed = OptimConfig(warmup_steps=0, schedule="wsd", timed=True, decay_share=0.5, time_fraction=0.75)
+    assert timed.factor(3) == pytest.approx(0.5)  # by the share of the time budget
+    with pytest.raises(ValueError, match="wsd LR schedule needs the length"):
+        OptimConfig(schedule="wsd")
+    with pytest.raises(ValueError, match="decay_share"):
+        OptimConfig(schedule="wsd", total_steps=10, decay_share=0.0)
+
+
 def test_timed_cosine_decays_the_lr_over_the_time_budget(tmp_path):
     data = DataOptions(data=str(write_folder(tmp_path / "data")), image_size=16)
     run = tiny_run(tmp_path / "run", steps=None, minutes=0.1, warmup=1, lr_schedule="cosine", ema_decay=None)

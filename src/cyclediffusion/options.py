@@ -197,7 +197,7 @@ def add_flags(
         default = (defaults or {}).get(f.name, default_of(f))
         shown = "required" if default is MISSING else f"default: {_show(default)}"
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
-        kwargs["help"] = f"{meta.get('help', '')} ({shown})"
+        kwargs["help"] = f"{meta.get('help', '')} ({shown})".replace("%", "%%")  # argparse formats help with %
         members = _non_none(tp)
         base = members[0] if len(members) == 1 else None
         if base is bool:

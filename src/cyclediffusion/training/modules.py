@@ -29,7 +29,7 @@ from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline, check_compatible
 from ..text import Tokenizer
 from .caption_loss import CYCLE_STREAM, CycleLoss
-from .options import CycleConfig
+from .options import LR_SCHEDULES, CycleConfig
 from .repa import FrozenEncoder, RepresentationAlignment
 
 LOSS_BINS = 10  # the denoising loss is logged per tenth of the noise scale (loss_by_noise/bin0 = cleanest)
@@ -41,9 +41,10 @@ class NonFiniteLossError(ArithmeticError):
 
 @dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule: AdamW, linear warmup, then constant or cosine decay.
+    """Optimiser and learning-rate schedule: AdamW, linear warmup, then constant, cosine decay, or ``wsd``
+    (warmup-stable-decay: constant, then linear to zero over the last ``decay_share`` of the run).
 
-    The cosine decays over ``total_steps``, or over a time budget (``timed``): then its progress is the
+    The decays run over ``total_steps``, or over a time budget (``timed``): then their progress is the
     share of the budget spent, ``time_fraction``, which the module updates before every step from
     Lightning's timer. With both, whichever runs out first sets the pace.
     """
@@ -56,12 +57,17 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     timed: bool = False
     time_fraction: float = 0.0
+    decay_share: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"unknown LR schedule {self.schedule!r}; choose 'constant' or 'cosine'")
-        if self.schedule == "cosine" and not (self.total_steps or self.timed):
-            raise ValueError("the cosine LR schedule needs the length of the run (--steps, --epochs or --minutes)")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown LR schedule {self.schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+        if self.schedule != "constant" and not (self.total_steps or self.timed):
+            raise ValueError(
+                f"the {self.schedule} LR schedule needs the length of the run (--steps, --epochs or --minutes)"
+            )
+        if not 0 < self.decay_share <= 1:
+            raise ValueError(f"decay_share must be in (0, 1], got {self.decay_share}")
 
     def factor(self, step: int) -> float:
         """LR multiplier at optimiser step ``step``."""
@@ -72,7 +78,10 @@ class OptimConfig:
         progress = self.time_fraction if self.timed else 0.0
         if self.total_steps:
             progress = max(progress, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, progress)
+        if self.schedule == "wsd":
+            return min(1.0, (1.0 - progress) / self.decay_share)
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Shared:

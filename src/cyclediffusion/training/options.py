@@ -19,6 +19,8 @@ from ..recipes import DEFAULT_GUIDANCE, DEFAULT_PROMPTS, build_denoiser, build_n
 from ..text import Tokenizer
 from .repa import REPA_ENCODERS
 
+LR_SCHEDULES = ("constant", "cosine", "wsd")  # OptimConfig's
+
 CYCLE_MODES = ("x0", "last-k")
 CYCLE_OBJECTIVES = ("ce", "weighted", "contrastive")
 
@@ -78,8 +80,9 @@ class RunOptions:
     warmup: int = option(100, "linear LR warmup steps")
     lr_schedule: str = option(
         "constant",
-        "LR after warmup (cosine: to zero at the end of the steps or minutes)",
-        choices=("constant", "cosine"),
+        "LR after warmup (cosine: to zero at the end of the steps or minutes; wsd: constant, then linear to zero "
+        "over the last 20%)",
+        choices=LR_SCHEDULES,
     )
     precision: str = option(
         "auto", "Lightning precision (auto: bf16-mixed on CUDA or a CPU with native bf16, else 32)", choices=PRECISIONS
