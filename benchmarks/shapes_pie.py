@@ -26,7 +26,9 @@ denoiser evaluations (``nfe``) and seconds per edit. Per variant and strength: m
 doing nothing cannot win) and, per variant, preservation at matched success (the strength with the best PSNR-out
 among those whose success reaches each level). The sanity gate checks the literature's ordering at the strength
 nearest 0.8: DDIM inversion without coupling keeps least outside the mask among the inversion methods, CycleDiffusion
-keeps most and edits less often. Writes ``OUT/shapes_pie.json`` and ``OUT/shapes_pie_examples.png``.
+keeps most and edits less often. Writes ``OUT/shapes_pie.json`` and ``OUT/shapes_pie_examples.png``; every finished
+(variant, strength, seed) cell is appended to ``OUT/records.jsonl`` as it ends, and the same command run again goes on
+from the last finished cell.
 """
 
 from __future__ import annotations
@@ -280,7 +282,7 @@ def sanity_gate(rows: list[dict], strength: float) -> dict:
 
 
 def resume_records(
-    out: Path, settings: dict, cases: list[dict], shown: list[int]
+    out: Path, settings: dict, cases: list[dict]
 ) -> tuple[list[dict], dict[str, np.ndarray], set[tuple[str, float, int]]]:
     """The records, example rows and finished (variant, strength, seed) cells of an earlier run into ``out`` with
     the same settings (a stopped run goes on where it stopped); otherwise a fresh ``out/records.jsonl``."""
@@ -297,6 +299,7 @@ def resume_records(
         cells[key] = cells.get(key, 0) + 1
     done = {key for key, count in cells.items() if count == len(cases)}
     records = [r for r in records if (r["variant"], r["strength"], r["seed"]) in done]
+    path.write_text(header + "\n" + "".join(json.dumps(r) + "\n" for r in records))  # a cut-off cell's lines go
     examples = {}
     for name in {key[0] for key in done}:
         saved = out / f"examples_{name}.npy"
@@ -353,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "batch_size")}
-    records, examples, done = resume_records(out, settings, cases, shown)
+    records, examples, done = resume_records(out, settings, cases)
     t_start, cells = time.perf_counter(), len(specs) * len(strengths) * len(seeds)
     with (out / PARTIAL).open("a") as log:
         for name, spec in specs.items():

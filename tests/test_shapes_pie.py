@@ -70,3 +70,4 @@ def test_shapes_pie_quick(tmp_path, capsys, monkeypatch):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
     assert measured(resumed["records"]) == measured(result["records"])
+    assert len(partial.read_text().splitlines()) == 1 + len(result["records"])  # the cut-off half cell is gone
