@@ -26,7 +26,7 @@ from PIL import Image
 from tiny_sd import tiny_stable_diffusion
 
 from cyclediffusion import CycleDiffusionPipeline
-from cyclediffusion.precision import cpu_has_native_bf16
+from cyclediffusion.precision import choose_dtype
 
 
 def seconds(fn, repeats: int, device: str) -> float:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(machine_line(args.device))
     print(versions_line(("cyclediffusion", "diffusers", "transformers")))
     print(f"settings: {steps} steps, strength 0.8, guidance 7.5, source guidance 1, eta 0.1, median of {repeats}")
-    bf16 = args.device.startswith("cuda") or (args.device == "cpu" and cpu_has_native_bf16()[0])
+    bf16 = choose_dtype("auto", args.device)[0] == torch.bfloat16  # the rule of `edit --dtype auto`
     print(f"{'size':>5} {'diffusers s':>12} {'ours s':>8} {'speed-up':>9} {'ours bf16 s':>12} {'bf16 speed-up':>14}")
     rows = []
     for size in sizes:

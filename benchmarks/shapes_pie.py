@@ -288,11 +288,8 @@ def resume_records(
     the same settings (a stopped run goes on where it stopped); otherwise a fresh ``out/records.jsonl``."""
     out.mkdir(parents=True, exist_ok=True)
     path, header = out / PARTIAL, json.dumps(settings, sort_keys=True)
-    records: list[dict] = []
-    if path.is_file() and path.read_text().split("\n", 1)[0] == header:
-        records = [json.loads(line) for line in path.read_text().splitlines()[1:] if line.strip()]
-    else:
-        path.write_text(header + "\n")
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = [json.loads(line) for line in lines[1:] if line.strip()] if lines[:1] == [header] else []
     cells: dict[tuple[str, float, int], int] = {}
     for r in records:
         key = (r["variant"], r["strength"], r["seed"])
