@@ -65,7 +65,7 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("backbone,process,space", CONFIGS)
-@pytest.mark.parametrize("batch,mode", [(1, "x0"), (3, "x0"), (3, "last-k")])
+@pytest.mark.parametrize("batch,mode", [(1, "x0"), (3, "x0"), (3, "last-k"), (3, "grpo")])
 def test_cycle_gradient_reaches_only_denoiser_and_text_encoder(one_thread, backbone, process, space, batch, mode):
     module = build(backbone, process, space, fraction=0.5, mode=mode, k=2, sample_steps=3)
     out = module.step_losses(make_batch(module, space, batch))
@@ -131,10 +131,10 @@ def test_cycle_every_and_t_max():
         CycleConfig(fraction=0)
 
 
-@pytest.mark.parametrize("space,mode", [("vae", "x0"), ("pixels", "x0"), ("vae", "last-k")])
+@pytest.mark.parametrize("space,mode", [("vae", "x0"), ("pixels", "x0"), ("vae", "last-k"), ("pixels", "grpo")])
 def test_ranks_together_give_the_single_process_cycle_loss(one_thread, space, mode):
     """Rows, times and noise are drawn for the global batch: two ranks of 3 average to one process of 6."""
-    module = build("dit", "ddpm", space, fraction=0.5, mode=mode, sample_steps=4)
+    module = build("dit", "ddpm", space, fraction=0.5, mode=mode, sample_steps=4, group=2)
     batch = make_batch(module, space, 6)
     x0 = module.clean_latents(batch, module.step_generator(0))
     single = module.cycle.loss(module, x0, batch["caption"], module.step_generator(0, 1))
@@ -174,6 +174,9 @@ def test_last_k_draws_the_sampler_image_with_gradient_through_k_steps(one_thread
     assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(one, two))
     with pytest.raises(ValueError, match="k <= sample_steps"):
         CycleConfig(mode="last-k", k=5, sample_steps=4)
+    for bad, message in [({"group": 1}, "at least 2"), ({"eta": 0.0}, "stochastic"), ({"k": 4}, "deterministic")]:
+        with pytest.raises(ValueError, match=message):
+            CycleConfig(mode="grpo", sample_steps=4, **bad)
 
 
 def save_captioner(tmp_path, data) -> str:
@@ -183,12 +186,14 @@ def save_captioner(tmp_path, data) -> str:
     return str(path)
 
 
-def test_cycle_training_resumes_exactly(tmp_path, one_thread):
+@pytest.mark.parametrize("mode", ["x0", "grpo"])
+def test_cycle_training_resumes_exactly(tmp_path, one_thread, mode):
     data = write_folder(tmp_path / "data")
     options = DataOptions(data=str(data), image_size=16)
     model = tiny_model()
     model.captioner = save_captioner(tmp_path, data)
-    model.cycle = CycleConfig(weight=0.5, fraction=0.5, every=2)
+    grpo = {"group": 2, "sample_steps": 3, "k": 1} if mode == "grpo" else {}
+    model.cycle = CycleConfig(weight=0.5, fraction=0.5, every=2, mode=mode, **grpo)
     straight = train_text2image(options, tiny_run(tmp_path / "a", steps=4), model)
     first = tmp_path / "b"
     train_text2image(options, tiny_run(first, steps=2), model)
@@ -244,6 +249,7 @@ def test_ddp_cycle_step_equals_single_process(tmp_path):
         (["--captioner", "CAP", "--cycle-fraction", "2"], "fraction"),
         (["--captioner", "CAP", "--cycle-mode", "last-k", "--cycle-k", "5", "--cycle-sample-steps", "4"], "k <="),
         (["--captioner", "CAP", "--image-size", "32"], "reads 16px images"),
+        (["--captioner", "CAP", "--cycle-mode", "grpo", "--cycle-group", "1"], "group needs at least 2"),
         (["--init-from", "nowhere"], "nowhere does not exist"),
     ],
 )

@@ -8,6 +8,7 @@ handed, keyed to the step like everything else in training, so resume and DDP st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from ..data.shapes import binding_words, negative_caption
 from ..diffusion import NoiseProcess
+from ..diffusion.base import mean_flat, randn
 from ..models import TextEncoderOutput
 from ..pipelines.caption import CaptionPipeline
 from .options import CycleConfig
@@ -49,6 +51,8 @@ class CycleLoss:
         per-caption losses are summed and divided by the global number of cycle rows, so that ranks
         averaging their gradients reproduce one process's mean.
         """
+        if self.config.mode == "grpo":
+            return self.grpo_loss(module, x0, captions, g)
         local, world = len(captions), module.world_size()
         total = local * world
         count = max(1, round(self.config.fraction * total))
@@ -94,12 +98,20 @@ class CycleLoss:
     def draw_last_k(self, module: Any, noise: torch.Tensor, text: TextEncoderOutput) -> torch.Tensor:
         """Sample from ``noise`` under ``text``: the term's sampler steps, gradient through the last ``k``; with
         ``guidance`` other than 1, classifier-free guided as the pipeline samples (the empty caption unconditional)."""
-        process, k, scale = module.noise_process, self.config.k, self.config.guidance
+        process, k = module.noise_process, self.config.k
         grid = process.grid(self.config.sample_steps)
         head, tail = grid[:-k], grid[-k:]
-        empty = None
+        model_fn = self.guided(module, text, noise.shape[0])
+        with torch.no_grad():
+            x = process.denoise(model_fn, noise, head)
+        return process.denoise(model_fn, x, tail)
+
+    def guided(self, module: Any, text: TextEncoderOutput, rows: int) -> Callable[..., torch.Tensor]:
+        """The denoiser under ``text``, classifier-free guided by the term's ``guidance`` as the pipeline samples
+        (the empty caption unconditional; no second call at guidance 1)."""
+        scale, empty = self.config.guidance, None
         if scale != 1.0:
-            empty = module.text_encoder(module.tokenizer([""] * noise.shape[0]).input_ids.to(module.device))
+            empty = module.text_encoder(module.tokenizer([""] * rows).input_ids.to(module.device))
 
         def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             cond = module.denoiser(x, s, text.hidden_states, text.pooled, text.mask).float()
@@ -108,9 +120,60 @@ class CycleLoss:
             uncond = module.denoiser(x, s, empty.hidden_states, empty.pooled, empty.mask).float()
             return uncond + scale * (cond - uncond)
 
+        return model_fn
+
+    def grpo_loss(self, module: Any, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
+        """The policy-gradient term of mode ``grpo`` (see :class:`~.options.CycleConfig`).
+
+        Its value is the captioner's mean loss on the drawings (what the reward is minus); its gradient is the
+        group-normalised policy gradient. Captions, start noise, step noise and the trained steps are drawn for
+        the global batch from ``g``; a caption's whole group is drawn on the rank that holds it, so ranks
+        averaging their gradients reproduce one process's.
+        """
+        config, process = self.config, module.noise_process
+        local, world = len(captions), module.world_size()
+        total, group = local * world, config.group
+        prompts = min(total, max(1, round(config.fraction * total / group)))
+        chosen = torch.randperm(total, generator=g, device=g.device)[:prompts].tolist()
+        grid = process.grid(config.sample_steps)
+        scalar = torch.zeros(1)
+        sigmas = [float(process.ddim_sigma(t, p, config.eta, scalar)) for t, p in grid]
+        random_steps = [i for i, sigma in enumerate(sigmas) if sigma > 0]
+        order = torch.randperm(len(random_steps), generator=g, device=g.device)[: config.k].tolist()
+        trained = sorted(random_steps[i] for i in order)
+        count = prompts * group
+        start = randn((count, *x0.shape[1:]), g, module.device)
+        step_noise = randn((len(grid), count, *x0.shape[1:]), g, module.device)
+        rows = module.rank_rows(local)
+        mine = [j for j, p in enumerate(chosen) if rows.start <= p < rows.stop]
+        if not mine:  # this rank holds none of the drawn captions this step
+            return x0.new_zeros(())
+        index = torch.tensor([j * group + m for j in mine for m in range(group)], device=module.device)
+        texts = [captions[chosen[j] - rows.start] for j in mine for _ in range(group)]
+        text = module.text_encoder(module.tokenizer(texts).input_ids.to(module.device))
+        model_fn = self.guided(module, text, len(texts))
         with torch.no_grad():
-            x = process.denoise(model_fn, noise, head)
-        return process.denoise(model_fn, x, tail)
+            path = [start[index]]
+            for i, (t, t_prev) in enumerate(grid):
+                prediction = model_fn(path[-1], process.model_time_of(t, path[-1]))
+                path.append(process.step(prediction, path[-1], t, t_prev, config.eta, noise=step_noise[i][index]))
+            drawn = path[-1] if module.vae is None else module.vae.decode_latents(path[-1])
+            caption_loss = self.objective(drawn.to(self.captioner.device), texts).to(x0.device).float()
+            rewards = -caption_loss.view(-1, group)
+            advantage = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
+        log_prob = x0.new_zeros(len(texts), dtype=torch.float32)
+        for i in trained:
+            t, t_prev = grid[i]
+            x_t, x_next = path[i], path[i + 1]
+            x0_hat, eps_hat = process.to_x0_eps(model_fn(x_t, process.model_time_of(t, x_t)), x_t, t)
+            sigma = sigmas[i]  # the chain's step scale, eta included
+            mean = process.ddim_mean(x0_hat.float(), eps_hat.float(), t_prev, torch.tensor(sigma))
+            # log p(x_next | x_t) times sigma: its gradient is eps . grad(mean), the noise in its own units, so
+            # the steps near the clean end (sigma -> 0) do not drown the others in variance
+            log_prob = log_prob - mean_flat((x_next.float() - mean) ** 2) / (2 * sigma)
+        surrogate = -(advantage * log_prob) / len(trained)
+        per_row = caption_loss + surrogate - surrogate.detach()
+        return per_row.sum() * world / count
 
     def low_noise_timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
         """``n`` times uniform below the term's ``t_max``, in the noise process's units (on ``g``'s device)."""

@@ -21,7 +21,7 @@ from .repa import REPA_ENCODERS
 
 LR_SCHEDULES = ("constant", "cosine", "wsd")  # OptimConfig's
 
-CYCLE_MODES = ("x0", "last-k")
+CYCLE_MODES = ("x0", "last-k", "grpo")
 CYCLE_OBJECTIVES = ("ce", "weighted", "contrastive")
 
 
@@ -131,6 +131,17 @@ class CycleConfig:
     gradient and the last ``k`` with it, so the captioner reads what the model draws from the caption
     alone and the gradient runs back through ``k`` denoiser calls (``t_max`` is not used), guided by ``guidance``.
 
+    Mode ``grpo``: a policy gradient, as in Flow-GRPO. Each chosen row's caption is drawn ``group`` times from
+    pure noise by the stochastic DDIM sampler (``eta`` > 0: each step is a Gaussian policy) of ``sample_steps``
+    steps without gradient, guided by ``guidance``; the reward of a drawing is minus the frozen captioner's
+    ``objective`` on it, normalised within its group into an advantage, and the gradient is that of
+    ``-advantage x sigma log p(step)`` on ``k`` steps of the chain chosen at random (the policy's mean is
+    recomputed with gradient; each step's log-density is taken times its noise scale ``sigma``, so its gradient
+    is the drawn noise times the mean's gradient and the nearly deterministic last steps add no runaway
+    variance). One update per draw, so the importance ratio is 1 and PPO's clip never acts; the denoising loss
+    beside it keeps the model near its data. ``fraction`` is the share of the batch whose rows are drawn
+    (``fraction x batch / group`` captions, at least one). The logged term is the captioner's loss on the draws.
+
     ``t_max`` up to the whole scale (flow 1.0, ddpm T) reads the estimate where the layout is still decided.
     ``objective`` weights what matters (see :meth:`~.caption_loss.CycleLoss.objective`); ``start`` lets the term
     act only in the last part of a run (or fine-tune an exported model with ``--init-from``).
@@ -141,12 +152,15 @@ class CycleConfig:
     every: int = option(1, "add the term every K optimiser steps", parse=positive_int)
     fraction: float = option(0.25, "share of the batch given the term")
     mode: str = option(
-        "x0", "x0: one-step estimate at low noise; last-k: draw from noise, gradient through the last k steps",
+        "x0", "x0: one-step estimate at low noise; last-k: draw from noise, gradient through the last k steps; "
+        "grpo: policy gradient over groups of stochastic draws, the captioner's score as reward",
         choices=CYCLE_MODES,
     )  # fmt: skip
-    k: int = option(2, "last-k: sampler steps with gradient", parse=positive_int)
+    k: int = option(2, "last-k: sampler steps with gradient; grpo: steps of each chain trained", parse=positive_int)
     sample_steps: int = option(10, "last-k: sampler steps in all", parse=positive_int)
-    guidance: float = option(1.0, "last-k: classifier-free guidance of the sampling chain (1: none)")
+    guidance: float = option(1.0, "last-k, grpo: classifier-free guidance of the sampling chain (1: none)")
+    group: int = option(8, "grpo: drawings per caption, compared with each other", parse=positive_int)
+    eta: float = option(1.0, "grpo: DDIM eta of the chain (its randomness is the policy's)")
     objective: str = option(
         "ce", "ce: caption cross-entropy; weighted: colour, shape, number and relation words weigh word_weight; "
         "contrastive: cross-entropy plus a margin over the caption with its colours swapped", choices=CYCLE_OBJECTIVES,
@@ -173,6 +187,16 @@ class CycleConfig:
             raise ValueError(f"the cycle word weight must be positive, got {self.word_weight}")
         if not 1 <= self.k <= self.sample_steps:
             raise ValueError(f"the cycle needs 1 <= k <= sample_steps, got {self.k} and {self.sample_steps}")
+        if self.mode == "grpo":
+            if self.group < 2:
+                raise ValueError(f"grpo compares drawings of one caption: the group needs at least 2, got {self.group}")
+            if self.eta <= 0:
+                raise ValueError(f"grpo needs a stochastic chain: eta must be positive, got {self.eta}")
+            if self.k >= self.sample_steps:
+                raise ValueError(
+                    f"grpo trains k <= sample_steps - 1 steps (the last is deterministic), got {self.k} and "
+                    f"{self.sample_steps}"
+                )
 
 
 @dataclass
