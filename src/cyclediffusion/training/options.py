@@ -157,7 +157,7 @@ class CycleConfig:
         choices=CYCLE_MODES,
     )  # fmt: skip
     k: int = option(2, "last-k: sampler steps with gradient; grpo: steps of each chain trained", parse=positive_int)
-    sample_steps: int = option(10, "last-k: sampler steps in all", parse=positive_int)
+    sample_steps: int = option(10, "last-k, grpo: sampler steps in all", parse=positive_int)
     guidance: float = option(1.0, "last-k, grpo: classifier-free guidance of the sampling chain (1: none)")
     group: int = option(8, "grpo: drawings per caption, compared with each other", parse=positive_int)
     eta: float = option(1.0, "grpo: DDIM eta of the chain (its randomness is the policy's)")
