@@ -147,14 +147,20 @@ class NoiseProcessBase:
     ) -> torch.Tensor:
         """One DDIM step from ``t`` to ``t_prev``: eta = 0 is deterministic (for flow matching: an Euler
         step), eta = 1 samples the posterior. ``noise`` replaces the fresh standard normal noise."""
-        x0, eps = self.to_x0_eps(prediction, x_t, t)
-        sigma = self.ddim_sigma(t, t_prev, eta, x_t)
-        out = self.ddim_mean(x0, eps, t_prev, sigma)
+        out, sigma = self.step_mean(prediction, x_t, t, t_prev, eta)
         if eta > 0:
             if noise is None:
                 noise = randn(x_t.shape, generator, x_t.device, torch.float32)
             out = out + sigma * noise
         return out.to(x_t.dtype)
+
+    def step_mean(
+        self, prediction: torch.Tensor, x_t: torch.Tensor, t: Time, t_prev: Time, eta: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian a DDIM step draws ``x_t_prev`` from: its mean and standard deviation ``sigma``."""
+        x0, eps = self.to_x0_eps(prediction, x_t, t)
+        sigma = self.ddim_sigma(t, t_prev, eta, x_t)
+        return self.ddim_mean(x0, eps, t_prev, sigma), sigma
 
     def denoise(
         self,

@@ -165,12 +165,10 @@ class CycleLoss:
         for i in trained:
             t, t_prev = grid[i]
             x_t, x_next = path[i], path[i + 1]
-            x0_hat, eps_hat = process.to_x0_eps(model_fn(x_t, process.model_time_of(t, x_t)), x_t, t)
-            sigma = sigmas[i]  # the chain's step scale, eta included
-            mean = process.ddim_mean(x0_hat.float(), eps_hat.float(), t_prev, torch.tensor(sigma))
+            mean, _ = process.step_mean(model_fn(x_t, process.model_time_of(t, x_t)), x_t, t, t_prev, config.eta)
             # log p(x_next | x_t) times sigma: its gradient is eps . grad(mean), the noise in its own units, so
             # the steps near the clean end (sigma -> 0) do not drown the others in variance
-            log_prob = log_prob - mean_flat((x_next.float() - mean) ** 2) / (2 * sigma)
+            log_prob = log_prob - mean_flat((x_next - mean.float()) ** 2) / (2 * sigmas[i])
         surrogate = -(advantage * log_prob) / len(trained)
         per_row = caption_loss + surrogate - surrogate.detach()
         return per_row.sum() * world / count
