@@ -223,11 +223,12 @@ def test_cli_fine_tune_with_the_cycle_loss(tmp_path, monkeypatch, one_thread):
     assert "train/cycle_loss" in metrics(tmp_path / "ft")[-1]
 
 
-def test_ddp_cycle_step_equals_single_process(tmp_path):
-    """Two gloo processes with half the batch each take the single process's cycle step (last-k mode)."""
+@pytest.mark.parametrize("mode", ["last-k", "grpo"])
+def test_ddp_cycle_step_equals_single_process(tmp_path, mode):
+    """Two gloo processes with half the batch each take the single process's cycle step."""
     data = write_folder(tmp_path / "data")
     cycle = ["--captioner", save_captioner(tmp_path, data), "--cycle-weight", "0.5", "--cycle-fraction", "0.5"]
-    cycle += ["--cycle-mode", "last-k", "--cycle-sample-steps", "3"]
+    cycle += ["--cycle-mode", mode, "--cycle-sample-steps", "3", *(["--cycle-group", "2"] if mode == "grpo" else [])]
     common = ["--data", str(data), "--steps", "1", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0", *cycle]
     cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
     cli("train", "--out", "ddp", "--batch-size", "4", "--devices", "2", "--strategy", "ddp", *common, cwd=tmp_path)
