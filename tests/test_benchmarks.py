@@ -192,3 +192,52 @@ def test_position_words_reads_a_saved_model(capsys, tmp_path):
         assert set(row) == {"loss", "mirror", "axis", "word", "preposition"}
         assert row["loss"] > 0 and all(math.isfinite(v) for v in row.values())
         assert any(row[k] != 0 for k in ("mirror", "axis"))  # the caption reaches the loss
+
+
+def test_count_layout_reads_data_and_samples(capsys, tmp_path):
+    from cyclediffusion.data.shapes import ShapesConfig, write_imagefolder
+
+    world = ShapesConfig(kinds={"count": 1.0}, texture=0.0)
+    write_imagefolder(tmp_path / "data", 90, world, seed=0)
+
+    def det(x: float, y: float) -> dict:
+        return {"colour": "red", "shape": "circle", "x": x, "y": y}
+
+    corners = [det(0.2, 0.2), det(0.8, 0.2), det(0.2, 0.8), det(0.8, 0.8)]
+    records = [
+        {"text": "three red circles", "category": "counting", "correct": False, "detections": corners},
+        {
+            "text": "three red circles",
+            "category": "counting",
+            "correct": False,
+            "detections": corners[:3] + [det(0.3, 0.3)],
+        },
+        {"text": "three red circles", "category": "counting", "correct": True, "detections": corners[:3]},
+        {"text": "a red circle", "category": "single", "correct": True, "detections": corners[:1]},
+    ]
+    (tmp_path / "eval.json").write_text(json.dumps({"overall": 0.5, "records": records}))
+    result = load("count_layout").main(["--data", str(tmp_path / "data"), "--eval", str(tmp_path / "eval.json")])
+    # small objects GAP apart cannot share a quadrant: two and three always stand one per quadrant
+    assert set(result["data"]) == {1, 2, 3} and sum(r["scenes"] for r in result["data"].values()) == 90
+    assert result["data"][2]["own_quadrant"] == result["data"][3]["own_quadrant"] == 1.0
+    three = result["samples"][3]
+    assert (three["samples"], three["correct"], three["one_more"], three["spread"]) == (3, 1, 2, 1)
+    assert three["detected"] == {3: 1, 4: 2} and set(result["samples"]) == {3}
+    with pytest.raises(SystemExit):
+        load("count_layout").main([])
+
+
+def test_ema_tracks_quick(capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    results = load("ema_tracks").main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--decays", "0.15,0.9999"])
+    row = results["0"]
+    assert row["steps"] == 3 and set(row) == {"steps", "ema 0.999", "raw", "0.15", "0.9999"}
+    raw, fast, slow = (load_file(str(tmp_path / "s0" / f"track_{n}.safetensors")) for n in ("raw", "0.15", "0.9999"))
+    model = load_file(str(next((tmp_path / "s0" / "model").rglob("denoiser/*.safetensors"))))
+    key = next(k for k in raw if k.startswith("denoiser.") and k.split(".", 1)[1] in model)
+    # three steps: the warm-up sets any decay above 0.25 to 0.1, 0.18, 0.25, so the 0.9999 track is the run's own
+    # (exported) EMA; 0.15 caps the second and third updates and differs, and so do the raw weights
+    torch.testing.assert_close(slow[key], model[key.split(".", 1)[1]])
+    assert not torch.equal(fast[key], slow[key]) and not torch.equal(raw[key], slow[key])
+    assert 0 <= row["raw"]["overall"] <= 1
