@@ -120,8 +120,16 @@ def test_flow_heun_and_ddpm_samplers_run_in_pipeline():
     euler = flow("a red square", num_inference_steps=4, output_type="pt").images
     heun = flow("a red square", num_inference_steps=4, sampler="heun", output_type="pt").images
     assert not torch.allclose(euler, heun)
-    with pytest.raises(ValueError, match="eta"):
-        flow("a red square", num_inference_steps=2, eta=0.5)
+    with pytest.raises(ValueError, match="deterministic"):
+        flow("a red square", num_inference_steps=2, sampler="heun", eta=0.5)
+    start = torch.randn(flow.latent_shape(1, None, None), generator=torch.Generator().manual_seed(5))
+    stochastic = [
+        flow("a red square", num_inference_steps=4, eta=1.0, generator=torch.Generator().manual_seed(i),
+             latents=start, output_type="pt").images
+        for i in (0, 0, 1)
+    ]  # fmt: skip
+    torch.testing.assert_close(stochastic[0], stochastic[1])
+    assert not torch.allclose(stochastic[0], stochastic[2])  # same start, other step noise (eta = 0: equal)
     ddpm = randomise(tiny_pipeline("unet"))
     a = ddpm(
         "a red square",

@@ -247,6 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance,
         seed=args.seed,
         sampler=args.sampler,
+        eta=args.eta,
     )
     out = Path(args.out) if args.out else model_dir.parent / "eval"
     report.save(out)
@@ -343,6 +344,7 @@ def build_parser() -> Parser:
     flag(p, "--held-out", action="append", default=[], help="colour-shape pair held out of training")
     flag(p, "--steps", type=positive_int, default=25)
     flag(p, "--sampler", choices=SAMPLER_CHOICES, default=None, help="sampler (default: the model's own)")
+    flag(p, "--eta", type=float, default=api_default(evaluate_pipeline, "eta"), help="DDIM stochasticity in [0, 1]")
     flag(p, "--guidance", type=float, default=None, help="guidance (default: the model's own)")
     flag(p, "--seed", type=int, default=0)
     flag(p, "--device", default="auto")

@@ -128,15 +128,20 @@ class FlowMatching(NoiseProcessBase, Configurable):
         """Integrate the ODE from noise (t = 1) to data (t = 0) with ``euler`` (default), ``heun`` or ``dpm++2m``
         (DPM-Solver++(2M), second order at one call per step) steps.
 
-        Heun uses two network calls per step except the last (to t = 0), which is an Euler step.
-        These samplers are deterministic: ``eta`` must be 0 and ``generator`` is unused (the stochastic DDIM
-        sampler on the flow path is :meth:`step` / :meth:`denoise` with eta > 0).
+        Heun uses two network calls per step except the last (to t = 0), which is an Euler step. With ``eta`` in
+        (0, 1] the ``euler`` sampler becomes DDIM's stochastic step on the flow path (:meth:`denoise`: eta = 1 draws
+        each step from the posterior given the model's x0 estimate, with noise from ``generator``); ``heun`` and
+        ``dpm++2m`` are deterministic only.
         """
         sampler = sampler or "euler"
-        if eta != 0:
-            raise ValueError(f"eta={eta}: the flow samplers ({', '.join(SAMPLERS)}) are deterministic; eta must be 0")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for flow matching; choose from {SAMPLERS}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if eta != 0:
+            if sampler != "euler":
+                raise ValueError(f"eta={eta}: {sampler} is deterministic; eta must be 0 (or use euler)")
+            return self.denoise(model_fn, noise, self.grid(num_inference_steps), eta, generator, callback)
         if sampler == "dpm++2m":
             return self.dpm_solver_2m(model_fn, noise, self.grid(num_inference_steps), callback)
         x = noise

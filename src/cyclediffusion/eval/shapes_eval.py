@@ -395,9 +395,11 @@ def evaluate_pipeline(
     batch_size: int = 32,
     progress: bool = True,
     sampler: str | None = None,
+    eta: float = 0.0,
 ) -> EvalReport:
     """:func:`evaluate` a :class:`~cyclediffusion.Text2ImagePipeline` (image ``i`` seeded ``seed + i``)
-    on ``suite`` (default :func:`build_suite`), sampling with ``sampler`` (default: the noise process's own)."""
+    on ``suite`` (default :func:`build_suite`), sampling with ``sampler`` (default: the noise process's own) and
+    DDIM stochasticity ``eta`` (default 0: deterministic)."""
     import torch
 
     def generate_fn(prompts: list[str], seed_offset: int) -> list[Image.Image]:
@@ -405,6 +407,8 @@ def evaluate_pipeline(
         kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
         if sampler is not None:
             kwargs["sampler"] = sampler
+        if eta:
+            kwargs["eta"] = eta
         return pipe(prompts, generator=generators, output_type="pil", **kwargs).images
 
     return evaluate(generate_fn, build_suite() if suite is None else suite, samples_per_prompt, batch_size, progress)

@@ -51,7 +51,7 @@ class Text2ImagePipeline(DiffusionPipeline):
             latents: starting noise, to reuse instead of drawing it.
             sampler: ``ddim`` (default) or ``ddpm`` for Gaussian diffusion; ``euler`` (default) or
                 ``heun`` for flow matching.
-            eta: DDIM's stochasticity in [0, 1] (Gaussian diffusion only).
+            eta: DDIM's stochasticity in [0, 1]: Gaussian diffusion's ``ddim`` and flow matching's ``euler``.
         """
         prompts = as_list(prompt, "prompt")
         if num_images_per_prompt < 1:
