@@ -49,8 +49,8 @@ class Text2ImagePipeline(DiffusionPipeline):
             callback: ``callback(step, timestep, latents)`` every ``callback_steps`` steps.
             height, width: image size in pixels (default: the denoiser's training size).
             latents: starting noise, to reuse instead of drawing it.
-            sampler: ``ddim`` (default) or ``ddpm`` for Gaussian diffusion; ``euler`` (default) or
-                ``heun`` for flow matching.
+            sampler: ``ddim`` (default), ``ddpm`` or ``dpm++2m`` for Gaussian diffusion; ``euler`` (default),
+                ``heun`` or ``dpm++2m`` for flow matching.
             eta: DDIM's stochasticity in [0, 1]: Gaussian diffusion's ``ddim`` and flow matching's ``euler``.
         """
         prompts = as_list(prompt, "prompt")
