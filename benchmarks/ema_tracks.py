@@ -43,13 +43,12 @@ class Tracks(L.Callback):
         self.names = [k for k, v in state.items() if k.startswith(PARTS) and v.is_floating_point()]
         self.tracks = {str(d): [state[k].detach().clone() for k in self.names] for d in self.decays}
         self.tracks["raw"] = [state[k].detach().clone() for k in self.names]
+        self.current = [state[k].detach() for k in self.names]  # views of the live tensors, updated in place
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        state = pl_module.state_dict()
-        current = [state[k].detach() for k in self.names]
         for decay in self.decays:
-            torch._foreach_lerp_(self.tracks[str(decay)], current, 1 - ema_decay_at(decay, self.updates))
-        torch._foreach_copy_(self.tracks["raw"], current)  # before the EMA is copied into the module at the end
+            torch._foreach_lerp_(self.tracks[str(decay)], self.current, 1 - ema_decay_at(decay, self.updates))
+        torch._foreach_copy_(self.tracks["raw"], self.current)  # before the EMA is copied into the module at the end
         self.updates += 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
