@@ -23,6 +23,7 @@ from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_i
 
 log = logging.getLogger("cyclediffusion")
 SAMPLER_CHOICES = tuple(dict.fromkeys(gaussian.SAMPLERS + flow.SAMPLERS))  # every noise process's samplers
+EVAL_STEPS = 25  # ShapesEval's sampler steps for a model that names none (as the demo's report)
 
 
 class UsageError(Exception):
@@ -65,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from . import training
 
     run = {"train": training.train_text2image, "train-vae": training.train_vae}
-    run["train-captioner"] = training.train_captioner
+    run["train-captioner"], run["distill"] = training.train_captioner, training.distill_text2image
     options = training_options(args)
     if options is not None:
         path = run[args.command](*options.values())
@@ -239,11 +240,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model_dir = resolve_model_dir(args.model)
     pipe = Text2ImagePipeline.from_pretrained(model_dir, device=pick_device(args.device))
     suite = build_suite(per_kind=args.per_kind, held_out=tuple(args.held_out))
+    steps = args.steps or pipe.num_inference_steps or EVAL_STEPS
     report = evaluate_pipeline(
         pipe,
         suite,
         samples_per_prompt=args.samples_per_prompt,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         guidance_scale=args.guidance,
         seed=args.seed,
         sampler=args.sampler,
@@ -259,7 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         reader = CaptionPipeline.from_pretrained(resolve_model_dir(args.captioner)).to(pipe.device)
         texts = list(dict.fromkeys(e.text for e in suite))
-        scores = evaluate_captioner_on_samples(reader, pipe, texts, args.steps, args.guidance, args.seed)
+        scores = evaluate_captioner_on_samples(reader, pipe, texts, steps, args.guidance, args.seed)
         (out / "captioner_on_samples.json").write_text(json.dumps(scores.to_json(), indent=2) + "\n")
         drawn, prompt = scores.shapes_correct, scores.exact_match
         print(f"captioner on {scores.count} samples: true of the drawing {drawn:.3f}, word for word {prompt:.3f}")
@@ -328,6 +330,7 @@ def build_parser() -> Parser:
     add_training_command(sub, "train-vae", "train the KL autoencoder and measure its latent scaling")
     add_training_command(sub, "train", "train a text-to-image model (text encoder + denoiser)")
     add_training_command(sub, "train-captioner", "train an image captioner (for the cycle loss, or on its own)")
+    add_training_command(sub, "distill", "distill a text-to-image model into a few-step student (guidance baked in)")
 
     p = sub.add_parser("caption", help="caption images with a trained captioner")
     flag(p, "--model", required=True, help="train-captioner run folder or model folder")
@@ -342,7 +345,8 @@ def build_parser() -> Parser:
     flag(p, "--samples-per-prompt", type=positive_int, default=api_default(evaluate_pipeline, "samples_per_prompt"))
     flag(p, "--per-kind", type=positive_int, default=20, help="prompts per category of the suite")
     flag(p, "--held-out", action="append", default=[], help="colour-shape pair held out of training")
-    flag(p, "--steps", type=positive_int, default=25)
+    flag(p, "--steps", type=positive_int, default=None, help=f"sampler steps (default: the model's own, else "
+         f"{EVAL_STEPS})")  # fmt: skip
     flag(p, "--sampler", choices=SAMPLER_CHOICES, default=None, help="sampler (default: the model's own)")
     flag(p, "--eta", type=float, default=api_default(evaluate_pipeline, "eta"), help="DDIM stochasticity in [0, 1]")
     flag(p, "--guidance", type=float, default=None, help="guidance (default: the model's own)")
@@ -383,7 +387,7 @@ def build_parser() -> Parser:
     flag(p, "--model", required=True, help="run folder or model folder")
     flag(p, "--prompt", action="append", required=True, help="prompt (repeatable)")
     flag(p, "--negative-prompt", default=None)
-    flag(p, "--steps", type=positive_int, default=api_default(call, "num_inference_steps"))
+    flag(p, "--steps", type=positive_int, default=None, help="sampler steps (default: the model's own, else 50)")
     flag(p, "--guidance", type=float, default=None, help="guidance (default: the model's own)")
     flag(p, "--sampler", choices=SAMPLER_CHOICES, default=None)
     flag(p, "--scheduler", choices=["ddpm", "flow"], default=None, help="check the model's noise process")

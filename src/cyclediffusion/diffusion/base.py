@@ -135,6 +135,33 @@ class NoiseProcessBase:
         alpha_p, sigma_p = self.alpha_sigma(t_prev, x0)
         return alpha_p * x0 + (sigma_p**2 - sigma**2).clamp(min=0).sqrt() * eps
 
+    def x0_through(self, x_t: torch.Tensor, t: Time, x_prev: torch.Tensor, t_prev: Time) -> torch.Tensor:
+        """The x0 estimate whose deterministic DDIM step from ``x_t`` at ``t`` lands on ``x_prev`` at ``t_prev``.
+
+        Both points lie on ``x = alpha x0 + sigma eps`` with one ``(x0, eps)``; solving the two equations gives
+        ``x0 = (sigma_p x_t - sigma_t x_prev) / (alpha_t sigma_p - alpha_p sigma_t)`` (progressive distillation's
+        target, Salimans & Ho 2022). ``t > t_prev``; at the clean end (``sigma_p = 0``) it is ``x_prev`` itself.
+        """
+        alpha_t, sigma_t = self.alpha_sigma(t, x_t)
+        alpha_p, sigma_p = self.alpha_sigma(t_prev, x_t)
+        return (sigma_p * x_t - sigma_t * x_prev) / (alpha_t * sigma_p - alpha_p * sigma_t)
+
+    def nested_grid(self, num_inference_steps: int, substeps: int) -> list[list[tuple[float, float]]]:
+        """The ``(t, t_prev)`` pairs of the ``num_inference_steps`` sampler (:meth:`grid`), each split into
+        ``substeps`` steps evenly spaced in time: a teacher's fine steps across one step of a few-step student.
+
+        Integer timesteps are rounded: a step too short to split leaves steps from a time to itself, which the
+        caller skips."""
+        if num_inference_steps < 1 or substeps < 1:
+            raise ValueError(f"steps and substeps must be at least 1, got {num_inference_steps} and {substeps}")
+        groups = []
+        for t, t_prev in self.grid(num_inference_steps):
+            times = [t + (t_prev - t) * j / substeps for j in range(substeps + 1)]
+            if isinstance(t, int):
+                times = [round(time) for time in times]
+            groups.append(list(zip(times[:-1], times[1:])))
+        return groups
+
     def step(
         self,
         prediction: torch.Tensor,

@@ -20,6 +20,8 @@ from .storage import INDEX_NAME, find_pipeline, load_components, save_components
 P = TypeVar("P", bound="DiffusionPipeline")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_KEY = "_guidance_scale"  # model_index.json: the guidance a call uses when given none
+STEPS_KEY = "_num_inference_steps"  # model_index.json, a few-step (distilled) model's: the steps a call takes
+DEFAULT_STEPS = 50  # sampler steps of a model that names none
 
 
 @dataclass
@@ -109,17 +111,27 @@ class DiffusionPipeline:
     component_names: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "denoiser", "noise_process")
 
     def __init__(
-        self, tokenizer, text_encoder, vae, denoiser, noise_process, guidance_scale: float | None = None
+        self,
+        tokenizer,
+        text_encoder,
+        vae,
+        denoiser,
+        noise_process,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
     ) -> None:
         """``vae=None`` means the denoiser works on pixels. ``guidance_scale`` is the guidance a call uses when it
         is given none: the value the model was trained and evaluated with, stored in its folder (default
-        :data:`~cyclediffusion.recipes.DEFAULT_GUIDANCE`)."""
+        :data:`~cyclediffusion.recipes.DEFAULT_GUIDANCE`). ``num_inference_steps``, likewise, the sampler steps of
+        a model trained for a number of them (a distilled student); None for any number (default
+        :data:`DEFAULT_STEPS`)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.vae = vae
         self.denoiser = denoiser
         self.noise_process = noise_process
         self.guidance_scale = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
+        self.num_inference_steps = num_inference_steps
 
     @property
     def components(self) -> dict[str, Any]:
@@ -159,9 +171,12 @@ class DiffusionPipeline:
 
     # ----------------------------------------------------------------- storage
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model_index.json`` (with the default guidance) and one folder per component (config.json +
-        model.safetensors)."""
-        save_components(directory, type(self).__name__, self.components, {GUIDANCE_KEY: self.guidance_scale})
+        """Write ``model_index.json`` (with the default guidance, and steps when the model has its own) and one
+        folder per component (config.json + model.safetensors)."""
+        defaults: dict[str, Any] = {GUIDANCE_KEY: self.guidance_scale}
+        if self.num_inference_steps is not None:
+            defaults[STEPS_KEY] = self.num_inference_steps
+        save_components(directory, type(self).__name__, self.components, defaults)
 
     @classmethod
     def from_pretrained(cls: type[P], directory: str | Path, device: str | torch.device | None = None) -> P:
@@ -171,8 +186,9 @@ class DiffusionPipeline:
         missing = [n for n in cls.component_names if n not in components]
         if missing:
             raise ValueError(f"{directory} lacks component(s) {', '.join(missing)} needed by {cls.__name__}")
-        guidance = read_json(directory / INDEX_NAME).get(GUIDANCE_KEY)
-        return cls(**{n: components[n] for n in cls.component_names}, guidance_scale=guidance).eval()
+        index = read_json(directory / INDEX_NAME)
+        defaults = {"guidance_scale": index.get(GUIDANCE_KEY), "num_inference_steps": index.get(STEPS_KEY)}
+        return cls(**{n: components[n] for n in cls.component_names}, **defaults).eval()
 
     # ----------------------------------------------------------------- text
     @torch.no_grad()

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..diffusion.base import Generator, randn
-from .base import DiffusionPipeline, ImagePipelineOutput, as_list, every
+from .base import DEFAULT_STEPS, DiffusionPipeline, ImagePipelineOutput, as_list, every
 
 
 class Text2ImagePipeline(DiffusionPipeline):
@@ -22,7 +22,7 @@ class Text2ImagePipeline(DiffusionPipeline):
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: Generator = None,
@@ -41,7 +41,8 @@ class Text2ImagePipeline(DiffusionPipeline):
             prompt: one prompt or a list; each gives ``num_images_per_prompt`` images.
             negative_prompt: what guidance steers away from (default: the empty prompt that the
                 model saw when its caption was dropped in training).
-            num_inference_steps: sampler steps.
+            num_inference_steps: sampler steps (default: the model's own, :attr:`num_inference_steps`, else
+                :data:`~cyclediffusion.pipelines.base.DEFAULT_STEPS`).
             guidance_scale: classifier-free guidance weight ``w``; 1 disables guidance (default: the model's own,
                 :attr:`guidance_scale`).
             generator: a generator, or one per image, for the starting noise and sampler noise.
@@ -69,7 +70,7 @@ class Text2ImagePipeline(DiffusionPipeline):
         x0 = self.noise_process.sample(
             model_fn,
             latents,
-            num_inference_steps,
+            num_inference_steps or self.num_inference_steps or DEFAULT_STEPS,
             sampler=sampler,
             eta=eta,
             generator=generator,

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .options import CaptionerOptions, CycleConfig, DataOptions, ModelOptions, RunOptions, VAEOptions
+from .options import (
+    CaptionerOptions,
+    CycleConfig,
+    DataOptions,
+    DistillOptions,
+    ModelOptions,
+    RunOptions,
+    VAEOptions,
+)
 
-_RUNS = ("train_captioner", "train_text2image", "train_vae")
+_RUNS = ("distill_text2image", "train_captioner", "train_text2image", "train_vae")
 
 
 def __getattr__(name: str) -> Any:
@@ -26,9 +34,11 @@ __all__ = [
     "CaptionerOptions",
     "CycleConfig",
     "DataOptions",
+    "DistillOptions",
     "ModelOptions",
     "RunOptions",
     "VAEOptions",
+    "distill_text2image",
     "train_captioner",
     "train_text2image",
     "train_vae",

@@ -390,12 +390,32 @@ class CaptionerOptions:
     num_beams: int = option(1, "beam width of the held-out captions", parse=positive_int, flag="beams")
 
 
+@dataclass
+class DistillOptions:
+    """A few-step student of a trained text-to-image model (``teacher``): the student starts as the teacher's
+    denoiser and learns to take each of its ``student_steps`` sampler steps where ``teacher_substeps`` guided
+    steps of the teacher go (the DDIM / Euler step of the teacher's noise process; text encoder, VAE and
+    tokenizer are the teacher's, frozen). The guidance is baked in: the student samples with one network call per
+    step and exports with guidance 1 and ``student_steps`` as its default steps."""
+
+    teacher: str = option(help="the model to distill: an exported pipeline or a text-to-image run folder")
+    student_steps: int = option(4, "sampler steps of the student", parse=positive_int)
+    teacher_substeps: int = option(4, "teacher steps per student step", parse=positive_int)
+    guidance: float | None = option(None, "the teacher's classifier-free guidance (none: the teacher's own)")
+
+    def __post_init__(self) -> None:
+        if self.guidance is not None and self.guidance < 0:
+            raise ValueError(f"--guidance must be non-negative, got {self.guidance}")
+
+
 # The sections of each training command, in the order of options.yaml, and the defaults its recipe changes.
 COMMANDS: dict[str, dict[str, type]] = {
     "train": {"data": DataOptions, "run": RunOptions, "model": ModelOptions},
     "train-vae": {"data": DataOptions, "run": RunOptions, "vae": VAEOptions},
     "train-captioner": {"data": DataOptions, "run": RunOptions, "captioner": CaptionerOptions},
+    "distill": {"data": DataOptions, "run": RunOptions, "distill": DistillOptions},
 }
 RECIPE_DEFAULTS: dict[str, dict[str, dict[str, object]]] = {
     "train-captioner": {"run": {"lr": 5e-4}},
+    "distill": {"run": {"lr": 2e-4, "warmup": 20}},
 }

@@ -48,9 +48,10 @@ from .callbacks import (
     export_atomically,
 )
 from .data import collate, load_images
+from .distill import DistillModule
 from .latents import latent_dataset
 from .modules import CaptionerModule, DiffusionModule, OptimConfig, VAEModule
-from .options import CaptionerOptions, DataOptions, ModelOptions, RunOptions, VAEOptions
+from .options import CaptionerOptions, DataOptions, DistillOptions, ModelOptions, RunOptions, VAEOptions
 from .repa import FrozenEncoder
 from .sampler import StepBatchSampler, StepIndexed
 from .streaming import CaptionedStream
@@ -283,10 +284,7 @@ def train_text2image(
         text_encoder, denoiser, noise_process = built["text_encoder"], built["denoiser"], built["noise_process"]
     if run.gradient_checkpointing:
         enable_gradient_checkpointing(denoiser)
-    dataset: Dataset | CaptionedStream = images
-    if data.cache_latents and vae is not None:
-        device = torch.device("cuda" if torch.cuda.is_available() and run.accelerator != "cpu" else "cpu")
-        dataset = latent_dataset(images, vae, data, out, device)
+    dataset = training_set(images, vae, data, run, out)
     steps = total_steps(run, dataset_size(dataset), world_size(run))
     module = DiffusionModule(
         tokenizer,
@@ -313,6 +311,43 @@ def train_text2image(
     trainer = fit(module, dataset, run, steps, data.num_workers, [*own, *callbacks])
     if trainer.is_global_zero:
         export_atomically(save, module, out / "model")
+    return out / "model"
+
+
+def training_set(
+    images: Dataset | CaptionedStream, vae: AutoencoderKL | None, data: DataOptions, run: RunOptions, out: Path
+) -> Dataset | CaptionedStream:
+    """The images, or with ``data.cache_latents`` and a VAE their latents, encoded once into ``OUT``."""
+    if not (data.cache_latents and vae is not None):
+        return images
+    device = torch.device("cuda" if torch.cuda.is_available() and run.accelerator != "cpu" else "cpu")
+    return latent_dataset(images, vae, data, out, device)
+
+
+def check_image_size(pipe: Text2ImagePipeline, image_size: int, path: str | Path) -> None:
+    """A ValueError when the pipeline in ``path`` makes images of another size than ``--image-size``."""
+    size = pipe.denoiser.sample_size * pipe.latent_factor
+    if size != image_size:
+        raise ValueError(f"the model in {path} makes {size}px images but --image-size is {image_size}")
+
+
+def distill_text2image(data: DataOptions, run: RunOptions, options: DistillOptions) -> Path:
+    """Distill ``options.teacher`` into a few-step student (:mod:`~.distill`) on the captions and images of
+    ``data``; export it to ``OUT/model``, where it samples in ``options.student_steps`` steps without guidance."""
+    out = start_run(run, data=data, distill=options)
+    path = find_pipeline(options.teacher)
+    teacher = Text2ImagePipeline.from_pretrained(path)
+    check_image_size(teacher, data.image_size, path)
+    dataset = training_set(load_images(data), teacher.vae, data, run, out)
+    steps = total_steps(run, dataset_size(dataset), world_size(run))
+    module = DistillModule(
+        teacher, optim_config(run, steps), options.student_steps, options.teacher_substeps, options.guidance,
+        seed=run.seed,
+    )  # fmt: skip
+    export = Export(out / "model", save_pipeline, run.export_every)
+    trainer = fit(module, dataset, run, steps, data.num_workers, [export])
+    if trainer.is_global_zero:
+        export_atomically(save_pipeline, module, out / "model")
     return out / "model"
 
 
@@ -353,9 +388,7 @@ def load_initial_pipeline(model: ModelOptions, image_size: int) -> tuple[Text2Im
         path = resolve_model_dir(model.init_from)
         pipe = Text2ImagePipeline.from_pretrained(path)
     pipe.text_encoder.train(), pipe.denoiser.train()  # loaded for inference, in eval mode
-    size = pipe.denoiser.sample_size * pipe.latent_factor
-    if size != image_size:
-        raise ValueError(f"the model in {path} makes {size}px images but --image-size is {image_size}")
+    check_image_size(pipe, image_size, path)
     log.info("starting from %s (its backbone, noise process, tokenizer and VAE are used)", path)
     return pipe, save
 

@@ -7,7 +7,6 @@ value is an :class:`~cyclediffusion.ui.limits.InputError` with a message for the
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,14 +21,13 @@ from ..diffusion import FlowMatching
 from ..diffusion import flow as flow_process
 from ..diffusion import gaussian as gaussian_process
 from ..pipelines import CycleDiffusionPipeline, Text2ImagePipeline, translate
-from ..pipelines.base import pick_device
+from ..pipelines.base import DEFAULT_STEPS, pick_device
 from ..pipelines.edit import GENERAL_METHODS, MASKED_METHODS, METHODS
 from ..pipelines.storage import find_pipeline
 from ..precision import cast_pipeline
 from .limits import InputError, Limits, check_number, check_prompt
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
-DEFAULT_STEPS = inspect.signature(Text2ImagePipeline.__call__).parameters["num_inference_steps"].default
 
 
 @dataclass
@@ -101,7 +99,8 @@ class Studio:
         tokenizer = self.pipe.tokenizer
         prompt = check_prompt(tokenizer, prompt)
         negative = check_prompt(tokenizer, negative_prompt, "negative prompt", required=False) or None
-        steps, n, seed = self.steps(steps), self.limits.images(num_images), whole_seed(seed)
+        steps = self.steps(steps, self.pipe.num_inference_steps or DEFAULT_STEPS)
+        n, seed = self.limits.images(num_images), whole_seed(seed)
         sampler = self.check_choice("sampler", sampler or self.samplers[0], self.samplers)
         seeds = [seed + i for i in range(n)]
         images = self.pipe(
@@ -211,10 +210,9 @@ class Studio:
         and translations start from)."""
         return self.limits.image(image).resize(self.image_size, Image.Resampling.BICUBIC)
 
-    def steps(self, value: Any) -> int:
-        """The steps asked for (default: the pipelines' own, within the limit)."""
-        default = min(DEFAULT_STEPS, self.limits.max_steps)
-        return self.limits.steps(default if value in (None, "") else value)
+    def steps(self, value: Any, default: int = DEFAULT_STEPS) -> int:
+        """The steps asked for (default: ``default``, the pipeline's own, within the limit)."""
+        return self.limits.steps(min(default, self.limits.max_steps) if value in (None, "") else value)
 
     def guidance(self, value: Any) -> float | None:
         return None if value in (None, "") else check_number("guidance", value, 0.0)

@@ -1,0 +1,102 @@
+"""Few-step distillation: a student denoiser learns to take in one step what several guided steps of its teacher take.
+
+Each training row draws one of the student's ``student_steps`` sampler steps ``(t, t_prev)`` (the noise process's
+:meth:`~cyclediffusion.diffusion.base.NoiseProcessBase.grid`) and noises a training latent to ``t``. The frozen
+teacher runs ``teacher_substeps`` deterministic DDIM steps (Euler steps for flow matching) with classifier-free
+guidance from there to ``t_prev``. The student, which starts as a copy of the teacher's denoiser and sees only the
+caption, learns to land on the teacher's point in one step of the same sampler: its x0 estimate is regressed on the
+x0 whose step makes that move (:meth:`~cyclediffusion.diffusion.base.NoiseProcessBase.x0_through`), weighted by
+``(alpha^2 + sigma^2) / sigma^2`` (progressive distillation's "SNR + 1" weight, Salimans & Ho 2022; distilling
+straight to the final number of steps, as TRACT does, Berthelot et al. 2023). The guidance is baked in: the student
+samples at guidance 1, one network call per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ..diffusion.base import TrainingLoss, broadcast, mean_flat
+from ..pipelines import Text2ImagePipeline
+from ..pipelines.base import Guidance
+from .modules import DiffusionModule, OptimConfig, StepLosses
+
+
+class DistillModule(DiffusionModule):
+    """Trains a few-step student of ``teacher`` (a trained pipeline, left unchanged); the text encoder, tokenizer,
+    VAE and noise process are the teacher's and stay frozen. ``guidance_scale`` is the teacher's guidance (default:
+    its own); the exported student samples with guidance 1 in ``student_steps`` steps by default."""
+
+    def __init__(
+        self,
+        teacher: Text2ImagePipeline,
+        optim: OptimConfig,
+        student_steps: int = 4,
+        teacher_substeps: int = 4,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        paths = teacher.noise_process.nested_grid(student_steps, teacher_substeps)
+        student = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
+        teacher.denoiser.eval().requires_grad_(False)
+        super().__init__(
+            teacher.tokenizer, teacher.text_encoder, student, teacher.noise_process, teacher.vae, optim,
+            caption_dropout=0.0, train_text_encoder=False, seed=seed, guidance_scale=1.0,
+        )  # fmt: skip
+        self.text_encoder.train()  # frozen and without dropout, so the mode changes nothing but Lightning's warning
+        self.student_steps = student_steps
+        self.teacher_guidance = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+        # (student_steps, teacher_substeps + 1): the times the teacher passes through across each student step
+        self.paths = torch.tensor([[path[0][0]] + [t_prev for _, t_prev in path] for path in paths])
+        self.shared.value["teacher"] = teacher
+
+    @property
+    def teacher(self) -> Text2ImagePipeline:
+        return self.shared.value["teacher"]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.denoiser.to(self.device)
+
+    def to_pipeline(self) -> Text2ImagePipeline:
+        """The student as a pipeline that samples in ``student_steps`` steps without guidance by default."""
+        pipe = super().to_pipeline()
+        pipe.num_inference_steps = self.student_steps
+        return pipe
+
+    @torch.no_grad()
+    def teacher_target(self, x_t: torch.Tensor, path: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+        """The x0 whose student step from ``x_t`` at ``path[:, 0]`` lands where the teacher's guided steps through
+        the times of ``path`` (one row per sample) land at ``path[:, -1]``."""
+        process = self.noise_process
+        model_fn = self.teacher.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
+        x = x_t
+        for j in range(path.shape[1] - 1):
+            t, t_prev = path[:, j], path[:, j + 1]
+            stepped = process.step(model_fn(x, process.model_time(t)), x, t, t_prev)
+            x = torch.where(broadcast(t == t_prev, x) > 0, x, stepped)  # a step too short to split stays put
+        return process.x0_through(x_t, path[:, 0], x, path[:, -1])
+
+    def step_losses(self, batch: dict[str, Any]) -> StepLosses:
+        """One distillation step; every random number is keyed to ``batch["step"]`` (exact resume and DDP)."""
+        g = self.step_generator(int(batch["step"][0]))
+        captions: list[str] = list(batch["caption"])
+        local = len(captions)
+        x0 = self.clean_latents(batch, g)
+        which = torch.randint(self.student_steps, (local * self.world_size(),), generator=g, device=self.device)
+        path = self.paths.to(self.device)[which[self.rank_rows(local)]]
+        t = path[:, 0]
+        process = self.noise_process
+        x_t = process.add_noise(x0, self.draw_normal(g, x0.shape), t)
+        guidance = self.teacher.prompt_guidance(captions, self.teacher_guidance, 1)
+        target = self.teacher_target(x_t, path, guidance)
+        cond = guidance.cond
+        pooled = cond.pooled if self.denoiser.takes_pooled else None
+        prediction = self.denoiser(x_t, process.model_time(t), cond.context, pooled, cond.mask)
+        x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
+        alpha, sigma = process.alpha_sigma(t, x_t)
+        weight = ((alpha**2 + sigma**2) / sigma**2).flatten()
+        loss = weight * mean_flat((x0_hat - target) ** 2)
+        return StepLosses(loss.mean(), TrainingLoss(loss=loss, level=process.noise_level(t)))
