@@ -59,6 +59,22 @@ def test_the_teacher_grid_splits_each_student_step(name, options, steps, substep
         process.nested_grid(steps, 0)
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """``teacher(backbone, process) -> (data, teacher folder)``: one imagefolder and one trained teacher per kind
+    for the whole module."""
+    root = tmp_path_factory.mktemp("distill")
+    data = write_folder(root / "data")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(backbone: str, process: str) -> tuple[Path, Path]:
+        if (backbone, process) not in made:
+            made[backbone, process] = teacher_folder(root / f"{backbone}_{process}", data, backbone, process)
+        return data, made[backbone, process]
+
+    return get
+
+
 def teacher_folder(path: Path, data: Path, backbone: str, process: str) -> Path:
     """A tiny pixel-space model for 16 px images trained briefly on ``data`` (so that its sampling paths bend the
     way a trained model's do), saved like an exported one with guidance 3."""
@@ -79,12 +95,12 @@ def read_folder(data: Path) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1, [row["text"] for row in rows]
 
 
-def distill_run(out: Path, data: Path, teacher: Path, steps: int, **run) -> Path:
+def distill_run(out: Path, data: Path, teacher: Path, steps: int, start_from: str = "data", **run) -> Path:
     options = dict(out=str(out), steps=steps, batch_size=8, lr=3e-4, warmup=2, log_every=1, progress=False)
     return distill_text2image(
         DataOptions(data=str(data), image_size=16),
         RunOptions(**{**options, "ema_decay": 0, **run}),
-        DistillOptions(teacher=str(teacher), student_steps=2, teacher_substeps=4),
+        DistillOptions(teacher=str(teacher), student_steps=2, teacher_substeps=4, start_from=start_from),
     )
 
 
@@ -108,25 +124,24 @@ def step_gaps(pipe: Text2ImagePipeline, teacher: Text2ImagePipeline, data: Path,
 
 
 @pytest.mark.parametrize("backbone,process", [("dit", "flow"), ("unet", "ddpm")])
-def test_a_distilled_student_lands_near_its_teacher_in_a_quarter_of_the_steps(tmp_path, backbone, process):
+def test_a_distilled_student_lands_near_its_teacher_in_a_quarter_of_the_steps(tmp_path, teacher, backbone, process):
     """After distillation one student step goes where four guided teacher steps go, much closer than one guided
     step of the teacher itself (the few-step sampler it replaces); it samples in its own steps without guidance."""
-    data = write_folder(tmp_path / "data")
-    teacher_dir = teacher_folder(tmp_path / "teacher", data, backbone, process)
+    data, teacher_dir = teacher(backbone, process)
     student_dir = distill_run(tmp_path / "run", data, teacher_dir, steps=60)
 
-    teacher = Text2ImagePipeline.from_pretrained(teacher_dir)
+    slow = Text2ImagePipeline.from_pretrained(teacher_dir)
     student = Text2ImagePipeline.from_pretrained(student_dir)
     assert (student.guidance_scale, student.num_inference_steps) == (1.0, 2)
     assert (
-        teacher.num_inference_steps is None
+        slow.num_inference_steps is None
         and "_num_inference_steps" not in (teacher_dir / "model_index.json").read_text()
     )
     calls = []
     student("a red square", callback=lambda i, t, x: calls.append(i))
     assert len(calls) == 2  # its own steps by default, one network call each (no guidance)
 
-    before, after = step_gaps(teacher, teacher, data, teacher.guidance_scale), step_gaps(student, teacher, data, 1.0)
+    before, after = step_gaps(slow, slow, data, slow.guidance_scale), step_gaps(student, slow, data, 1.0)
     assert after < 0.6 * before, (before, after)  # measured: 0.29x (DiT, flow), 0.41x (U-Net, DDPM)
     a, b = (load_file(d / "text_encoder" / "model.safetensors") for d in (teacher_dir, student_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the text encoder is the teacher's, frozen
@@ -134,9 +149,35 @@ def test_a_distilled_student_lands_near_its_teacher_in_a_quarter_of_the_steps(tm
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
 
 
-def test_a_resumed_distillation_equals_an_uninterrupted_one(tmp_path):
-    data = write_folder(tmp_path / "data", n=8)
-    teacher_dir = teacher_folder(tmp_path / "teacher", data, "dit", "flow")
+@pytest.mark.parametrize("backbone,process", [("dit", "flow"), ("unet", "ddpm")])
+def test_a_student_trained_on_the_teachers_own_paths_samples_like_it(tmp_path, teacher, backbone, process):
+    """``start_from="noise"``: the student's 2-step samples from pure noise come much closer to the teacher's
+    8 guided steps from the same noise than the teacher's own 2 guided steps do."""
+    data, teacher_dir = teacher(backbone, process)
+    student = Text2ImagePipeline.from_pretrained(
+        distill_run(tmp_path / "run", data, teacher_dir, steps=40, batch_size=4, start_from="noise")
+    )
+    pipe = Text2ImagePipeline.from_pretrained(teacher_dir)
+    prompts = ["a red square", "a blue square", "a green square", "a yellow square"] * 2
+    noise = torch.randn(len(prompts), 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+    slow, process = noise, pipe.noise_process
+    guided = pipe.prompt_guidance(prompts, pipe.guidance_scale, 1)
+    model_fn = pipe.guided_model_fn(guided.cond, guided.uncond, guided.scale)
+    with torch.no_grad():  # the teacher's 8 guided steps across the student's 2 (DDPM's 8-step grid is another)
+        for s, s_prev in (pair for path in process.nested_grid(2, 4) for pair in path if pair[0] != pair[1]):
+            slow = process.step(model_fn(slow, process.model_time_of(s, slow)), slow, s, s_prev)
+
+    def gap(sampler: Text2ImagePipeline, **kwargs) -> float:
+        fast = sampler(prompts, latents=noise, output_type="latent", **kwargs).images
+        return float(((fast - slow) ** 2).mean())
+
+    before, after = gap(pipe, num_inference_steps=2), gap(student)
+    assert after < 0.6 * before, (before, after)
+
+
+def test_a_resumed_distillation_equals_an_uninterrupted_one(tmp_path, teacher):
+    data, teacher_dir = teacher("dit", "flow")
     straight = distill_run(tmp_path / "a", data, teacher_dir, steps=4)
     distill_run(tmp_path / "b", data, teacher_dir, steps=2)
     resumed = distill_run(tmp_path / "b", data, teacher_dir, steps=4)
@@ -147,9 +188,9 @@ def test_a_resumed_distillation_equals_an_uninterrupted_one(tmp_path):
     assert not all(torch.equal(a[k], load_file(teacher_dir / "denoiser" / "model.safetensors")[k]) for k in a)
 
 
-def test_distill_command_and_its_bad_input(tmp_path, monkeypatch, capsys):
-    teacher_folder(tmp_path / "teacher", write_folder(tmp_path / "data", n=8), "dit", "flow")
-    common = ["distill", "--teacher", "teacher", "--data", "data", "--steps", "2", "--batch-size", "4"]
+def test_distill_command_and_its_bad_input(tmp_path, teacher, monkeypatch, capsys):
+    data, teacher_dir = teacher("dit", "flow")
+    common = ["distill", "--teacher", str(teacher_dir), "--data", str(data), "--steps", "2", "--batch-size", "4"]
     assert run_cli(*common, "--out", "run", "--image-size", "16", "--student-steps", "3", cwd=tmp_path,
                    monkeypatch=monkeypatch) == 0  # fmt: skip
     assert Text2ImagePipeline.from_pretrained(tmp_path / "run").num_inference_steps == 3

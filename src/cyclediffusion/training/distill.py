@@ -37,7 +37,10 @@ class DistillModule(DiffusionModule):
         teacher_substeps: int = 4,
         guidance_scale: float | None = None,
         seed: int = 0,
+        start_from: str = "data",
     ) -> None:
+        if start_from not in ("data", "noise"):
+            raise ValueError(f"start_from must be 'data' or 'noise', got {start_from!r}")
         paths = teacher.noise_process.nested_grid(student_steps, teacher_substeps)
         student = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
         teacher.denoiser.eval().requires_grad_(False)
@@ -46,7 +49,7 @@ class DistillModule(DiffusionModule):
             caption_dropout=0.0, train_text_encoder=False, seed=seed, guidance_scale=1.0,
         )  # fmt: skip
         self.text_encoder.train()  # frozen and without dropout, so the mode changes nothing but Lightning's warning
-        self.student_steps = student_steps
+        self.student_steps, self.start_from = student_steps, start_from
         self.teacher_guidance = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
         # (student_steps, teacher_substeps + 1): the times the teacher passes through across each student step
         self.paths = torch.tensor([[path[0][0]] + [t_prev for _, t_prev in path] for path in paths])
@@ -67,34 +70,55 @@ class DistillModule(DiffusionModule):
         return pipe
 
     @torch.no_grad()
-    def teacher_target(self, x_t: torch.Tensor, path: torch.Tensor, guidance: Guidance) -> torch.Tensor:
-        """The x0 whose student step from ``x_t`` at ``path[:, 0]`` lands where the teacher's guided steps through
-        the times of ``path`` (one row per sample) land at ``path[:, -1]``."""
+    def teacher_steps(self, x: torch.Tensor, path: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+        """Where the teacher's guided steps through the times of ``path`` (one row of times per sample) take ``x``."""
         process = self.noise_process
         model_fn = self.teacher.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
-        x = x_t
         for j in range(path.shape[1] - 1):
             t, t_prev = path[:, j], path[:, j + 1]
             stepped = process.step(model_fn(x, process.model_time(t)), x, t, t_prev)
             x = torch.where(broadcast(t == t_prev, x) > 0, x, stepped)  # a step too short to split stays put
-        return process.x0_through(x_t, path[:, 0], x, path[:, -1])
+        return x
+
+    def student_pairs(
+        self, x0: torch.Tensor, g: torch.Generator, guidance: Guidance
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, x_prev, path, rows)``: where student steps start, where the teacher's steps across them end, their
+        times, and the batch row each pair's caption comes from.
+
+        From ``data``: one step per row, drawn at random, starting at the row's latent noised to the step's time.
+        From ``noise``: the teacher samples every row from pure noise along the whole grid, and each of its
+        ``student_steps`` stretches is a pair (``student_steps`` pairs per row)."""
+        local = x0.shape[0]
+        paths = self.paths.to(self.device)
+        if self.start_from == "noise":
+            x = self.draw_normal(g, x0.shape)
+            starts, ends = [], []
+            for path in paths:
+                starts.append(x)
+                x = self.teacher_steps(x, path.expand(local, -1), guidance)
+                ends.append(x)
+            rows = torch.arange(local, device=self.device).repeat(self.student_steps)
+            return torch.cat(starts), torch.cat(ends), paths.repeat_interleave(local, dim=0), rows
+        which = torch.randint(self.student_steps, (local * self.world_size(),), generator=g, device=self.device)
+        path = paths[which[self.rank_rows(local)]]
+        x_t = self.noise_process.add_noise(x0, self.draw_normal(g, x0.shape), path[:, 0])
+        return x_t, self.teacher_steps(x_t, path, guidance), path, torch.arange(local, device=self.device)
 
     def step_losses(self, batch: dict[str, Any]) -> StepLosses:
         """One distillation step; every random number is keyed to ``batch["step"]`` (exact resume and DDP)."""
         g = self.step_generator(int(batch["step"][0]))
         captions: list[str] = list(batch["caption"])
-        local = len(captions)
         x0 = self.clean_latents(batch, g)
-        which = torch.randint(self.student_steps, (local * self.world_size(),), generator=g, device=self.device)
-        path = self.paths.to(self.device)[which[self.rank_rows(local)]]
-        t = path[:, 0]
         process = self.noise_process
-        x_t = process.add_noise(x0, self.draw_normal(g, x0.shape), t)
         guidance = self.teacher.prompt_guidance(captions, self.teacher_guidance, 1)
-        target = self.teacher_target(x_t, path, guidance)
+        x_t, x_prev, path, rows = self.student_pairs(x0, g, guidance)
+        t = path[:, 0]
+        target = process.x0_through(x_t, t, x_prev, path[:, -1])
         cond = guidance.cond
-        pooled = cond.pooled if self.denoiser.takes_pooled else None
-        prediction = self.denoiser(x_t, process.model_time(t), cond.context, pooled, cond.mask)
+        pooled = cond.pooled[rows] if self.denoiser.takes_pooled else None
+        mask = None if cond.mask is None else cond.mask[rows]
+        prediction = self.denoiser(x_t, process.model_time(t), cond.context[rows], pooled, mask)
         x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
         alpha, sigma = process.alpha_sigma(t, x_t)
         weight = ((alpha**2 + sigma**2) / sigma**2).flatten()

@@ -402,6 +402,10 @@ class DistillOptions:
     student_steps: int = option(4, "sampler steps of the student", parse=positive_int)
     teacher_substeps: int = option(4, "teacher steps per student step", parse=positive_int)
     guidance: float | None = option(None, "the teacher's classifier-free guidance (none: the teacher's own)")
+    start_from: str = option(
+        "data", "where each student step starts: the data noised to its time, or the teacher's own sampling path "
+        "from pure noise (every step of it trained; the data gives only captions)", choices=("data", "noise"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.guidance is not None and self.guidance < 0:
