@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from .diffusion import flow, gaussian
 from .options import add_flags, given_flags, read_config, resolve, spellings
-from .pipelines.base import pick_device
+from .pipelines.base import DEFAULT_STEPS, pick_device
 from .precision import cast_pipeline
 from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_int
 
@@ -387,7 +387,8 @@ def build_parser() -> Parser:
     flag(p, "--model", required=True, help="run folder or model folder")
     flag(p, "--prompt", action="append", required=True, help="prompt (repeatable)")
     flag(p, "--negative-prompt", default=None)
-    flag(p, "--steps", type=positive_int, default=None, help="sampler steps (default: the model's own, else 50)")
+    flag(p, "--steps", type=positive_int, default=None, help="sampler steps (default: the model's own, else "
+         f"{DEFAULT_STEPS})")  # fmt: skip
     flag(p, "--guidance", type=float, default=None, help="guidance (default: the model's own)")
     flag(p, "--sampler", choices=SAMPLER_CHOICES, default=None)
     flag(p, "--scheduler", choices=["ddpm", "flow"], default=None, help="check the model's noise process")

@@ -134,6 +134,11 @@ class DiffusionPipeline:
         self.num_inference_steps = num_inference_steps
 
     @property
+    def default_steps(self) -> int:
+        """The sampler steps a call takes when given none: the model's own, else :data:`DEFAULT_STEPS`."""
+        return self.num_inference_steps or DEFAULT_STEPS
+
+    @property
     def components(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.component_names}
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..diffusion.base import Generator, randn
-from .base import DEFAULT_STEPS, DiffusionPipeline, ImagePipelineOutput, as_list, every
+from .base import DiffusionPipeline, ImagePipelineOutput, as_list, every
 
 
 class Text2ImagePipeline(DiffusionPipeline):
@@ -41,8 +41,7 @@ class Text2ImagePipeline(DiffusionPipeline):
             prompt: one prompt or a list; each gives ``num_images_per_prompt`` images.
             negative_prompt: what guidance steers away from (default: the empty prompt that the
                 model saw when its caption was dropped in training).
-            num_inference_steps: sampler steps (default: the model's own, :attr:`num_inference_steps`, else
-                :data:`~cyclediffusion.pipelines.base.DEFAULT_STEPS`).
+            num_inference_steps: sampler steps (default: :attr:`default_steps`, the model's own, else 50).
             guidance_scale: classifier-free guidance weight ``w``; 1 disables guidance (default: the model's own,
                 :attr:`guidance_scale`).
             generator: a generator, or one per image, for the starting noise and sampler noise.
@@ -70,7 +69,7 @@ class Text2ImagePipeline(DiffusionPipeline):
         x0 = self.noise_process.sample(
             model_fn,
             latents,
-            num_inference_steps or self.num_inference_steps or DEFAULT_STEPS,
+            num_inference_steps or self.default_steps,
             sampler=sampler,
             eta=eta,
             generator=generator,

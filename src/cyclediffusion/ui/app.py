@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .limits import InputError, Limits  # noqa: E402
-from .studio import DEFAULT_STEPS, Studio, mask_from_strokes  # noqa: E402
+from .studio import Studio, mask_from_strokes  # noqa: E402
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
@@ -126,7 +126,7 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                     prompt = gr.Textbox(label="prompt", value="a red circle", elem_id="gen-prompt")
                     negative = gr.Textbox(label="negative prompt")
                     with gr.Row():
-                        steps = steps_slider(studio.pipe.num_inference_steps or DEFAULT_STEPS)
+                        steps = steps_slider(studio.pipe.default_steps)
                         guidance = guidance_box()
                     with gr.Row():
                         sampler = gr.Dropdown(list(studio.samplers), value=studio.samplers[0], label="sampler")

@@ -99,7 +99,7 @@ class Studio:
         tokenizer = self.pipe.tokenizer
         prompt = check_prompt(tokenizer, prompt)
         negative = check_prompt(tokenizer, negative_prompt, "negative prompt", required=False) or None
-        steps = self.steps(steps, self.pipe.num_inference_steps or DEFAULT_STEPS)
+        steps = self.steps(steps, self.pipe.default_steps)
         n, seed = self.limits.images(num_images), whole_seed(seed)
         sampler = self.check_choice("sampler", sampler or self.samplers[0], self.samplers)
         seeds = [seed + i for i in range(n)]
