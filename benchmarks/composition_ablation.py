@@ -73,6 +73,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_deep": ({**DIT, "mask_padding": True, "dit_depth": 6}, {}, {}),
     "dit_lr2": ({**DIT, "mask_padding": True}, {}, {"lr": 2e-3}),
     "dit_nopool": ({**DIT, "mask_padding": True, "pooled_text": False}, {}, {}),
+    "dit_pixel": ({**DIT, "mask_padding": True, "vae": None, "dit_patch_size": 4}, {}, {}),  # no VAE, 4x4 patches
+    "dit_pixel_noisy": ({**DIT, "mask_padding": True, "vae": None, "dit_patch_size": 4, "logit_mean": 1.0}, {}, {}),
+    "dit_joint": ({**DIT, "mask_padding": True, "dit_joint_text": True}, {}, {}),  # MM-DiT blocks
     "dit_mask_imm": ({**DIT, "mask_padding": True, "immiscible_noise": True}, {}, {}),
     "attn8": ({"model_size": "medium"}, {}, {}),
     "captions": ({}, CAPTIONS, {}),
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
             data_options = DataOptions(data=str(data), image_size=IMAGE_SIZE, cache_latents=True)
             snapshots = Snapshots(run, snapshot_minutes)
             model_dir = train_text2image(data_options, options, model, callbacks=[snapshots])
-            caches.setdefault(data, run)
+            if (run / "latents.safetensors").is_file():  # pixel-space runs cache nothing
+                caches.setdefault(data, run)
             steps = json.loads((run / "logs" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
             evaluated = [(name, model_dir, steps)] + [
                 (f"{name}@{m:g}min", snapshots.folder(m), int((snapshots.folder(m) / "step.txt").read_text()))

@@ -240,7 +240,10 @@ def inputs(batch: int, size: tuple[int, int] = (8, 8), seed: int = 1) -> tuple[t
 
 
 def denoiser(backbone: str, **overrides) -> UNet | DiT:
-    """``tiny_unet`` or ``tiny_dit`` (zero-initialised layers randomised)."""
+    """``tiny_unet`` or ``tiny_dit`` (zero-initialised layers randomised); ``"dit_joint"``: the DiT with MM-DiT
+    blocks."""
+    if backbone == "dit_joint":
+        return tiny_dit(joint_text=True, **overrides)
     return tiny_unet(**overrides) if backbone == "unet" else tiny_dit(**overrides)
 
 

@@ -40,6 +40,31 @@ def test_padding_mask_changes_nothing_without_padding_and_removes_its_influence(
         assert not torch.allclose(net(x, t, other, pooled), plain)  # unmasked, the padding does matter
 
 
+def test_mm_dit_blocks_let_the_words_read_the_image_and_never_the_padding():
+    """DiTConfig.joint_text: the text tokens are updated from the image tokens in every block but the last, which
+    returns them untouched; masked (padding) tokens change nothing of either stream's real tokens."""
+    from cyclediffusion.models.dit import JointDiTBlock
+
+    torch.manual_seed(0)
+    block, last = JointDiTBlock(32, 2), JointDiTBlock(32, 2, last=True)
+    randomise_zeros(block), randomise_zeros(last)
+    x, c, text = torch.randn(2, 16, 32), torch.randn(2, 32), torch.randn(2, 6, 32)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 3 + [False] * 3])
+    padded = text.clone()
+    padded[0, 4:], padded[1, 3:] = torch.randn(2, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        x_out, text_out = block(x, c, text, mask)
+        text_moved = block(x + torch.randn_like(x), c, text, mask)[1]
+        assert not torch.allclose(text_moved[mask], text_out[mask])  # the words read the image
+        x_pad, text_pad = block(x, c, padded, mask)
+        torch.testing.assert_close(x_pad, x_out)
+        torch.testing.assert_close(text_pad[mask], text_out[mask])
+        assert not torch.allclose(block(x, c, padded)[0], block(x, c, text)[0])  # unmasked, padding matters
+        last_x, last_text = last(x, c, text, mask)
+        assert last_text is text and not torch.allclose(last_x, x)
+        assert not hasattr(last, "text_mlp")  # the last block's text stream ends at its keys and values
+
+
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_without_pooled_text_the_caption_acts_through_cross_attention_only(backbone):
     tok = tiny_tokenizer()

@@ -11,6 +11,8 @@ from test_edit import cycle_pipeline, pictures, saved_model  # noqa: F401
 from cyclediffusion.models.layers import Attention, attention_weights
 from cyclediffusion.pipelines.coupling import AttentionCoupling, CouplingProcessor, coupled, token_map
 
+from helpers import tiny_dit
+
 
 def test_token_map_aligns_the_shared_words():
     assert token_map([1, 5, 7, 9, 2], [1, 5, 8, 9, 2]).tolist() == [0, 1, -1, 3, 4]
@@ -80,6 +82,8 @@ def test_coupling_errors(kwargs, message):
 
         translate(pictures(1), pipe, cycle_pipeline(seed=1), coupling=AttentionCoupling(), num_inference_steps=2)
     with pytest.raises(ValueError, match="has none"), coupled(torch.nn.Linear(2, 2), CouplingProcessor(None)):
+        pass
+    with pytest.raises(ValueError, match="MM-DiT"), coupled(tiny_dit(joint_text=True), CouplingProcessor(None)):
         pass
 
 

@@ -7,8 +7,10 @@ import torch
 
 from helpers import CONTEXT_DIM, POOLED_DIM, TOKENS, denoiser, inputs
 
+BACKBONES = ["unet", "dit", "dit_joint"]  # dit_joint: MM-DiT blocks (DiTConfig.joint_text)
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
+
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_depends_on_context_time_and_pooled(backbone: str) -> None:
     model = denoiser(backbone, pooled_dim=POOLED_DIM)
     x, t, context, pooled = inputs(2)
@@ -21,7 +23,7 @@ def test_depends_on_context_time_and_pooled(backbone: str) -> None:
         model(x, t, context)
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_batch_independence(backbone: str) -> None:
     model = denoiser(backbone, pooled_dim=POOLED_DIM)
     x, t, context, pooled = inputs(3)
@@ -32,7 +34,7 @@ def test_batch_independence(backbone: str) -> None:
             assert torch.allclose(full[i : i + 1], one, atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_context_mask(backbone: str) -> None:
     model = denoiser(backbone)
     x, t, context, _ = inputs(2)
@@ -46,7 +48,7 @@ def test_context_mask(backbone: str) -> None:
         assert not torch.allclose(out, model(x, t, changed))
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_save_and_load(backbone: str, tmp_path) -> None:
     model = denoiser(backbone, pooled_dim=POOLED_DIM)
     model.save_pretrained(tmp_path / backbone)
@@ -57,7 +59,7 @@ def test_save_and_load(backbone: str, tmp_path) -> None:
         assert torch.equal(model(x, t, context, pooled), loaded(x, t, context, pooled))
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_parameter_gets_gradient(backbone: str) -> None:
     model = denoiser(backbone, pooled_dim=POOLED_DIM).train()
     x, t, context, pooled = inputs(2)
@@ -66,7 +68,7 @@ def test_every_parameter_gets_gradient(backbone: str) -> None:
     assert not missing
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_gradient_checkpointing_keeps_outputs_and_gradients(backbone: str) -> None:
     """``--gradient-checkpointing`` recomputes every block in the backward pass: the same loss and gradients, and
     each block runs twice per training step (once more in backward); off in eval mode."""
@@ -78,7 +80,7 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients(backbone: str) -> No
 
     def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
         calls = [0]
-        blocks = [m for m in model.modules() if type(m).__name__ in ("UNetBlock", "DiTBlock")]
+        blocks = [m for m in model.modules() if type(m).__name__ in ("UNetBlock", "DiTBlock", "JointDiTBlock")]
         handles = [b.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for b in blocks]
         model.zero_grad()
         context.grad = None

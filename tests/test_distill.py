@@ -149,13 +149,16 @@ def test_a_distilled_student_lands_near_its_teacher_in_a_quarter_of_the_steps(tm
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
 
 
+@pytest.mark.parametrize("start_from", ["noise", "student"])
 @pytest.mark.parametrize("backbone,process", [("dit", "flow"), ("unet", "ddpm")])
-def test_a_student_trained_on_the_teachers_own_paths_samples_like_it(tmp_path, teacher, backbone, process):
-    """``start_from="noise"``: the student's 2-step samples from pure noise come much closer to the teacher's
-    8 guided steps from the same noise than the teacher's own 2 guided steps do."""
+def test_a_student_trained_from_sampling_paths_samples_like_the_teacher(tmp_path, teacher, backbone, process,
+                                                                        start_from):  # fmt: skip
+    """``start_from="noise"`` (the teacher's own paths) or ``"student"`` (the student's own earlier steps): the
+    student's 2-step samples from pure noise come much closer to the teacher's 8 guided steps from the same noise
+    than the teacher's own 2 guided steps do."""
     data, teacher_dir = teacher(backbone, process)
     student = Text2ImagePipeline.from_pretrained(
-        distill_run(tmp_path / "run", data, teacher_dir, steps=40, batch_size=4, start_from="noise")
+        distill_run(tmp_path / "run", data, teacher_dir, steps=40, batch_size=4, start_from=start_from)
     )
     pipe = Text2ImagePipeline.from_pretrained(teacher_dir)
     prompts = ["a red square", "a blue square", "a green square", "a yellow square"] * 2
@@ -173,7 +176,9 @@ def test_a_student_trained_on_the_teachers_own_paths_samples_like_it(tmp_path, t
         return float(((fast - slow) ** 2).mean())
 
     before, after = gap(pipe, num_inference_steps=2), gap(student)
-    assert after < 0.6 * before, (before, after)
+    # measured: noise 0.54x (DiT, flow) / 0.38x (U-Net, DDPM); student 0.81x / 0.56x (it learns the teacher's steps
+    # from its own points, which lie off the teacher's path, so it follows that path less closely)
+    assert after < (0.6 if start_from == "noise" else 0.9) * before, (before, after)
 
 
 def test_a_resumed_distillation_equals_an_uninterrupted_one(tmp_path, teacher):
@@ -204,3 +209,28 @@ def test_distill_command_and_its_bad_input(tmp_path, teacher, monkeypatch, capsy
         err = capsys.readouterr().err
         lines = [line for line in err.strip().splitlines() if "cyclediffusion" in line]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_student_start_points_are_where_the_students_own_steps_lead(teacher):
+    """``start_from="student"``: a row drawn for student step 0 starts at its latent noised to the start of the
+    grid; a row drawn for step 2 at where two of the student's own (unguided) steps take that point."""
+    from cyclediffusion.training.distill import DistillModule
+    from cyclediffusion.training.modules import OptimConfig
+
+    _, teacher_dir = teacher("dit", "flow")
+    module = DistillModule(Text2ImagePipeline.from_pretrained(teacher_dir), OptimConfig(), student_steps=4,
+                           start_from="student")  # fmt: skip
+    process, student = module.noise_process, module.denoiser
+    guidance = module.teacher.prompt_guidance(["a red square", "a blue square"], 1.0, 1)
+    x0, noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    starts = module.student_steps_to(torch.tensor([0, 2]), x0, noise, guidance)
+    grid = process.grid(4)
+    x = process.add_noise(x0, noise, torch.full((2,), float(grid[0][0])))
+    torch.testing.assert_close(starts[0], x[0])
+    cond = guidance.cond
+    with torch.no_grad():
+        for t, t_prev in grid[:2]:
+            out = student(x, process.model_time_of(t, x), cond.context, cond.pooled, cond.mask)
+            x = process.step(out, x, t, t_prev)
+    torch.testing.assert_close(starts[1], x[1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(starts[1], process.add_noise(x0, noise, torch.full((2,), float(grid[2][0])))[1])

@@ -44,8 +44,9 @@ def test_unpatchify_inverts_patch_layout() -> None:
     assert torch.equal(model.unpatchify(tokens, 4, 6), images)
 
 
-def test_zero_at_init_then_learns() -> None:
-    model = tiny_dit(randomise=False, pooled_dim=POOLED_DIM).train()
+@pytest.mark.parametrize("joint_text", [False, True])
+def test_zero_at_init_then_learns(joint_text: bool) -> None:
+    model = tiny_dit(randomise=False, pooled_dim=POOLED_DIM, joint_text=joint_text).train()
     x, t, context, pooled = inputs(2)
     out = model(x, t, context, pooled)
     assert torch.equal(out, torch.zeros_like(out))
@@ -55,8 +56,9 @@ def test_zero_at_init_then_learns() -> None:
     assert model(x, t, context, pooled).abs().sum() > 0
 
 
-def test_bfloat16() -> None:
-    model = tiny_dit()
+@pytest.mark.parametrize("joint_text", [False, True])
+def test_bfloat16(joint_text: bool) -> None:
+    model = tiny_dit(joint_text=joint_text)
     x, t, context, _ = inputs(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, t, context)

@@ -124,6 +124,10 @@ def test_architecture_fields_change_the_named_size_one_at_a_time():
     assert net.config.hidden_size == 2 * 32  # heads alone keep tiny's head width (128 / 4)
     with pytest.raises(ValueError, match="--backbone dit"):
         ModelOptions(dit_depth=3).build(tok, None, 16)
+    joint = ModelOptions(backbone="dit", model_size="tiny", dit_joint_text=True).build(tok, None, 16)["denoiser"]
+    assert joint.config.joint_text and joint.context_embedder is not None and net.context_embedder is None
+    with pytest.raises(ValueError, match="--dit-joint-text is an option of --backbone dit"):
+        ModelOptions(dit_joint_text=True).build(tok, None, 16)
     with pytest.raises(ValueError, match="multiple of its 5 heads"):
         ModelOptions(backbone="dit", model_size="tiny", dit_hidden_size=64, dit_num_heads=5).build(tok, None, 16)
     with pytest.raises(ValueError, match="--latent-channels 4"):

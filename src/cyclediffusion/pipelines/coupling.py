@@ -87,7 +87,9 @@ def coupled(denoiser: nn.Module, processor: CouplingProcessor) -> Iterator[Coupl
     layers = [m for m in denoiser.modules() if isinstance(m, Attention)]
     if not layers:
         name = type(denoiser).__name__
-        raise ValueError(f"attention coupling needs this project's attention layers; {name} has none")
+        joint = getattr(getattr(denoiser, "config", None), "joint_text", False)
+        why = " (its MM-DiT blocks attend to image and text in one joint attention)" if joint else ""
+        raise ValueError(f"attention coupling needs this project's attention layers; {name} has none{why}")
     previous = [layer.processor for layer in layers]
     for layer in layers:
         layer.processor = processor

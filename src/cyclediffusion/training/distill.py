@@ -22,6 +22,7 @@ from ..diffusion.base import TrainingLoss, broadcast, mean_flat
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.base import Guidance
 from .modules import DiffusionModule, OptimConfig, StepLosses
+from .options import START_FROM
 
 
 class DistillModule(DiffusionModule):
@@ -39,8 +40,8 @@ class DistillModule(DiffusionModule):
         seed: int = 0,
         start_from: str = "data",
     ) -> None:
-        if start_from not in ("data", "noise"):
-            raise ValueError(f"start_from must be 'data' or 'noise', got {start_from!r}")
+        if start_from not in START_FROM:
+            raise ValueError(f"start_from must be one of {', '.join(START_FROM)}, got {start_from!r}")
         paths = teacher.noise_process.nested_grid(student_steps, teacher_substeps)
         student = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
         teacher.denoiser.eval().requires_grad_(False)
@@ -88,7 +89,9 @@ class DistillModule(DiffusionModule):
 
         From ``data``: one step per row, drawn at random, starting at the row's latent noised to the step's time.
         From ``noise``: the teacher samples every row from pure noise along the whole grid, and each of its
-        ``student_steps`` stretches is a pair (``student_steps`` pairs per row)."""
+        ``student_steps`` stretches is a pair (``student_steps`` pairs per row). From ``student``: one step per row,
+        drawn at random, starting where the student's own earlier steps (without gradient) take the row's noised
+        latent from the start of the grid."""
         local = x0.shape[0]
         paths = self.paths.to(self.device)
         if self.start_from == "noise":
@@ -101,9 +104,30 @@ class DistillModule(DiffusionModule):
             rows = torch.arange(local, device=self.device).repeat(self.student_steps)
             return torch.cat(starts), torch.cat(ends), paths.repeat_interleave(local, dim=0), rows
         which = torch.randint(self.student_steps, (local * self.world_size(),), generator=g, device=self.device)
-        path = paths[which[self.rank_rows(local)]]
-        x_t = self.noise_process.add_noise(x0, self.draw_normal(g, x0.shape), path[:, 0])
+        which = which[self.rank_rows(local)]
+        path = paths[which]
+        if self.start_from == "student":
+            x_t = self.student_steps_to(which, x0, self.draw_normal(g, x0.shape), guidance)
+        else:
+            x_t = self.noise_process.add_noise(x0, self.draw_normal(g, x0.shape), path[:, 0])
         return x_t, self.teacher_steps(x_t, path, guidance), path, torch.arange(local, device=self.device)
+
+    @torch.no_grad()
+    def student_steps_to(
+        self, which: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, guidance: Guidance
+    ) -> torch.Tensor:
+        """Each row's latent noised to the start of the grid, then moved by the student's own steps (its current
+        weights, no gradient) up to the start of its step ``which``."""
+        process, paths, cond = self.noise_process, self.paths.to(self.device), guidance.cond
+        x = process.add_noise(x0, noise, paths[0, 0].expand(x0.shape[0]))
+        for j in range(int(which.max())):
+            rows = (which > j).nonzero().flatten()
+            t, t_prev = paths[j, 0].expand(len(rows)), paths[j, -1].expand(len(rows))
+            pooled = cond.pooled[rows] if self.denoiser.takes_pooled else None
+            mask = None if cond.mask is None else cond.mask[rows]
+            prediction = self.denoiser(x[rows], process.model_time(t), cond.context[rows], pooled, mask)
+            x[rows] = process.step(prediction.float(), x[rows], t, t_prev).to(x.dtype)
+        return x
 
     def step_losses(self, batch: dict[str, Any]) -> StepLosses:
         """One distillation step; every random number is keyed to ``batch["step"]`` (exact resume and DDP)."""

@@ -216,6 +216,10 @@ class ModelOptions:
     dit_depth: int | None = option(None, "DiT blocks")
     dit_num_heads: int | None = option(None, "DiT attention heads (alone: the size's head width is kept)")
     dit_patch_size: int | None = option(None, "DiT patch side in latent cells")
+    dit_joint_text: bool = option(
+        False, "DiT: MM-DiT blocks (text tokens get their own stream; image and text attend jointly) instead of "
+        "cross-attention"
+    )  # fmt: skip
     scheduler: str = option("ddpm", "noise process", choices=("ddpm", "flow"))
     prediction_type: str = option("v_prediction", "ddpm: network target", choices=("epsilon", "x0", "v_prediction"))
     beta_schedule: str = option("cosine", "ddpm: beta schedule", choices=("linear", "scaled_linear", "cosine"))
@@ -337,10 +341,11 @@ class ModelOptions:
             "num_train_timesteps": self.num_train_timesteps,
         }
 
-    def dit_fields(self) -> dict[str, int]:
+    def dit_fields(self) -> dict[str, int | bool]:
         """The DiT config fields given one by one (``dit_depth`` -> ``depth``)."""
         dit = {"hidden_size": self.dit_hidden_size, "depth": self.dit_depth, "num_heads": self.dit_num_heads}
-        return {k: v for k, v in {**dit, "patch_size": self.dit_patch_size}.items() if v is not None}
+        dit |= {"patch_size": self.dit_patch_size, "joint_text": self.dit_joint_text or None}
+        return {k: v for k, v in dit.items() if v is not None}
 
     def architecture(self) -> dict[str, object]:
         """The fields set on top of ``model_size`` (see :func:`~cyclediffusion.recipes.build_denoiser`)."""
@@ -390,6 +395,10 @@ class CaptionerOptions:
     num_beams: int = option(1, "beam width of the held-out captions", parse=positive_int, flag="beams")
 
 
+START_FROM = ("data", "noise", "student")
+"""Where a distilled student's training steps start (:class:`~.distill.DistillModule`)."""
+
+
 @dataclass
 class DistillOptions:
     """A few-step student of a trained text-to-image model (``teacher``): the student starts as the teacher's
@@ -403,8 +412,9 @@ class DistillOptions:
     teacher_substeps: int = option(4, "teacher steps per student step", parse=positive_int)
     guidance: float | None = option(None, "the teacher's classifier-free guidance (none: the teacher's own)")
     start_from: str = option(
-        "data", "where each student step starts: the data noised to its time, or the teacher's own sampling path "
-        "from pure noise (every step of it trained; the data gives only captions)", choices=("data", "noise"),
+        "data", "where each student step starts: the data noised to its time, the teacher's own sampling path "
+        "from pure noise (every step of it trained; the data gives only captions), or the student's own earlier "
+        "steps from the noised data", choices=START_FROM,
     )  # fmt: skip
 
     def __post_init__(self) -> None:
