@@ -3,7 +3,9 @@
 The image is cut into patches with fixed 2D sin-cos positions; every block modulates its
 self-attention and MLP with shift/scale/gate from c = time embedding + projected pooled text
 (adaLN-Zero) and cross-attends to the text tokens in between. Modulation, the cross-attention
-output and the final layer start at zero, so the untrained model outputs exactly 0.
+output and the final layer start at zero, so the untrained model outputs exactly 0. With
+``joint_text`` the blocks are MM-DiT blocks (:class:`JointDiTBlock`) instead: the text tokens get a
+stream of their own and image and text attend jointly.
 """
 
 from __future__ import annotations
