@@ -20,7 +20,7 @@ import torch
 
 from ..diffusion.base import TrainingLoss, broadcast, mean_flat
 from ..pipelines import Text2ImagePipeline
-from ..pipelines.base import Guidance
+from ..pipelines.base import Guidance, PromptEmbeds
 from .modules import DiffusionModule, OptimConfig, StepLosses
 from .options import START_FROM
 
@@ -123,11 +123,15 @@ class DistillModule(DiffusionModule):
         for j in range(int(which.max())):
             rows = (which > j).nonzero().flatten()
             t, t_prev = paths[j, 0].expand(len(rows)), paths[j, -1].expand(len(rows))
-            pooled = cond.pooled[rows] if self.denoiser.takes_pooled else None
-            mask = None if cond.mask is None else cond.mask[rows]
-            prediction = self.denoiser(x[rows], process.model_time(t), cond.context[rows], pooled, mask)
+            prediction = self.student(x[rows], t, cond, rows)
             x[rows] = process.step(prediction.float(), x[rows], t, t_prev).to(x.dtype)
         return x
+
+    def student(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, rows: torch.Tensor) -> torch.Tensor:
+        """The student's (unguided) prediction at ``x`` and times ``t`` for the captions of batch ``rows``."""
+        pooled = cond.pooled[rows] if self.denoiser.takes_pooled else None
+        mask = None if cond.mask is None else cond.mask[rows]
+        return self.denoiser(x, self.noise_process.model_time(t), cond.context[rows], pooled, mask)
 
     def step_losses(self, batch: dict[str, Any]) -> StepLosses:
         """One distillation step; every random number is keyed to ``batch["step"]`` (exact resume and DDP)."""
@@ -139,10 +143,7 @@ class DistillModule(DiffusionModule):
         x_t, x_prev, path, rows = self.student_pairs(x0, g, guidance)
         t = path[:, 0]
         target = process.x0_through(x_t, t, x_prev, path[:, -1])
-        cond = guidance.cond
-        pooled = cond.pooled[rows] if self.denoiser.takes_pooled else None
-        mask = None if cond.mask is None else cond.mask[rows]
-        prediction = self.denoiser(x_t, process.model_time(t), cond.context[rows], pooled, mask)
+        prediction = self.student(x_t, t, guidance.cond, rows)
         x0_hat, _ = process.to_x0_eps(prediction.float(), x_t, t)
         alpha, sigma = process.alpha_sigma(t, x_t)
         weight = ((alpha**2 + sigma**2) / sigma**2).flatten()
