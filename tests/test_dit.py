@@ -80,6 +80,26 @@ def test_named_sizes() -> None:
         DiT.from_name("DiT-M/2")
 
 
+def test_mini_patch2_size_tokens_and_shapes() -> None:
+    """``mini/2``: 2x2 patches give 16 tokens on 8x8 latents, and the output keeps the latent's shape."""
+    from cyclediffusion.recipes import build_denoiser
+
+    model = build_denoiser("dit", "mini/2", in_channels=4, sample_size=8, context_dim=CONTEXT_DIM)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch_size) == (192, 4, 4, 2)
+    assert model.pos_embed.shape == (16, 192)
+    x, t, context, _ = inputs(2)
+    pooled = context.mean(dim=1)  # recipes join the pooled text at the context's width
+    with torch.no_grad():
+        for block in model.blocks:  # adaLN-Zero: open the gates so the blocks act
+            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+        torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+        out = model(x, t, context, pooled)
+        shifted = model(x.roll(2, dims=-1), t, context, pooled)  # one patch to the right (cyclically)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, shifted.roll(-2, dims=-1), atol=1e-4)  # tokens know their absolute place
+
+
 def test_gelu_form_is_stored_and_old_models_keep_theirs(tmp_path) -> None:
     from cyclediffusion.config import read_json, write_json
     from cyclediffusion.recipes import build_denoiser

@@ -210,7 +210,7 @@ class ModelOptions:
     """
 
     backbone: str = option("unet", "denoiser architecture", choices=("unet", "dit"), aliases=("denoising_type",))
-    model_size: str = option("small", "unet: tiny|small|medium|base; dit: tiny|small|DiT-S/2|...")
+    model_size: str = option("small", "unet: tiny|small|medium|base; dit: tiny|mini/2|small|DiT-S/2|...")
     unet_base_channels: int | None = option(None, "U-Net channels of the first level (later levels keep the ratios)")
     dit_hidden_size: int | None = option(None, "DiT width")
     dit_depth: int | None = option(None, "DiT blocks")
