@@ -51,7 +51,7 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 1},
     "small": {"hidden_size": 256, "depth": 8, "num_heads": 4, "patch_size": 1},
     # 2x2 patches: 16 tokens on 8x8 latents, wider to keep the capacity. Its training step at batch 64 costs about
-    # 60% of tiny's on a 2-core CPU, where tiny's 64 tokens of width 128 are bound by elementwise work, not matmuls.
+    # 64% of tiny's on a 2-core CPU, where tiny's 64 tokens of width 128 are bound by elementwise work, not matmuls.
     "mini/2": {"hidden_size": 192, "depth": 4, "num_heads": 4, "patch_size": 2},
     **DIT_SIZES,
 }
