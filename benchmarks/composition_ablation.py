@@ -76,7 +76,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_pixel": ({**DIT, "mask_padding": True, "vae": None, "dit_patch_size": 4}, {}, {}),  # no VAE, 4x4 patches
     "dit_pixel_noisy": ({**DIT, "mask_padding": True, "vae": None, "dit_patch_size": 4, "logit_mean": 1.0}, {}, {}),
     "dit_p2": ({**DIT, "mask_padding": True, "dit_hidden_size": 256, "dit_patch_size": 2}, {}, {}),  # 16 tokens, wider
-    "dit_p2_192": ({**DIT, "mask_padding": True, "dit_hidden_size": 192, "dit_patch_size": 2}, {}, {}),
+    "dit_p2_192": ({**DIT, "mask_padding": True, "model_size": "mini/2"}, {}, {}),  # width 192, 2x2 patches
     "dit_joint": ({**DIT, "mask_padding": True, "dit_joint_text": True}, {}, {}),  # MM-DiT blocks
     "dit_mask_imm": ({**DIT, "mask_padding": True, "immiscible_noise": True}, {}, {}),
     "attn8": ({"model_size": "medium"}, {}, {}),
