@@ -32,3 +32,5 @@ def test_demo_writes_models_grid_and_report(tmp_path):
     scores = json.loads((out / "t2i" / "eval" / "shapes_eval.json").read_text())
     assert scores["categories"]["held_out"]["n"] > 0  # the report scores the pair it never trained on
     assert f"| {scores['overall']:.3f} |" in text  # and its table is that evaluation's
+    guide = Text2ImagePipeline.from_pretrained(out / "t2i" / "guide")  # autoguidance's weaker copy: step 4 of 8
+    assert any(not torch.equal(a, b) for a, b in zip(guide.denoiser.parameters(), pipe.denoiser.parameters()))

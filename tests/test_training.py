@@ -440,3 +440,19 @@ def test_stop_when_ends_the_run_at_the_first_check_that_reaches_the_threshold(tm
     assert floor.scores == [(2, 1.0), (4, 1.0), (6, 1.0)] and metrics(tmp_path / "floor")[-1]["step"] == 6
     with pytest.raises(ValueError, match="every_n_steps"):
         StopWhen(score, 0.8, every_n_steps=0)
+
+
+def test_export_guide_writes_the_model_of_that_share_of_the_run(tmp_path):
+    """``--export-guide 0.5`` of a 6-step run is the model a 3-step run ends with (constant LR, step-keyed batches);
+    the final model has moved on from it."""
+    data = DataOptions(data=str(write_folder(tmp_path / "data")), image_size=16)
+    options = dict(lr_schedule="constant", resume=False)
+    train_text2image(data, tiny_run(tmp_path / "long", steps=6, export_guide=0.5, **options), tiny_model())
+    train_text2image(data, tiny_run(tmp_path / "short", steps=3, **options), tiny_model())
+    guide = load_file(tmp_path / "long" / "guide" / "denoiser" / "model.safetensors")
+    short, final = final_weights(tmp_path / "short"), final_weights(tmp_path / "long")
+    for key in guide:
+        torch.testing.assert_close(guide[key], short[key], atol=1e-6, rtol=0, msg=key)
+    assert any(not torch.equal(guide[k], final[k]) for k in guide)
+    with pytest.raises(ValueError, match="share of the run"):
+        tiny_run(tmp_path / "x", steps=2, export_guide=1.0)

@@ -134,8 +134,29 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sampler=args.sampler,
         eta=args.eta,
         output_type="pt",
+        **guide_options(args, pipe),
     ).images
     save_images(images, Path(args.out), nrow=n if len(args.prompt) > 1 else min(8, n), scale=args.scale)
+
+
+def guide_options(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """``guide`` and ``guide_scale`` of the text-to-image pipeline from ``--guide-model`` and ``--guide-scale``."""
+    if args.guide_model is None:
+        return {}
+    from .pipelines import Text2ImagePipeline
+    from .pipelines.storage import resolve_model_dir
+
+    guide = Text2ImagePipeline.from_pretrained(resolve_model_dir(args.guide_model), device=pipe.device)
+    dtype = next(pipe.denoiser.parameters()).dtype
+    return {"guide": guide.to(dtype=dtype), "guide_scale": args.guide_scale}
+
+
+def add_guide_flags(p: argparse.ArgumentParser) -> None:
+    from .pipelines.text2image import GUIDE_SCALE
+
+    flag(p, "--guide-model", default=None, help="autoguidance: a weaker model of the same kind (a run's OUT/guide "
+         "from train --export-guide), guided away from; best with a lower --guidance (2)")  # fmt: skip
+    flag(p, "--guide-scale", type=float, default=GUIDE_SCALE, help="autoguidance weight (with --guide-model)")
 
 
 def check_scheduler(pipe: Any, scheduler: str | None, model: str) -> None:
@@ -250,6 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         sampler=args.sampler,
         eta=args.eta,
+        **guide_options(args, pipe),
     )
     out = Path(args.out) if args.out else model_dir.parent / "eval"
     report.save(out)
@@ -354,6 +376,7 @@ def build_parser() -> Parser:
     flag(p, "--device", default="auto")
     flag(p, "--out", default=None, help="folder for shapes_eval.json and failures.png (default: RUN/eval)")
     flag(p, "--captioner", default=None, help="also score this captioner on the model's samples (true of the drawing)")
+    add_guide_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-vae", help="VAE reconstruction (PSNR, SSIM) and latent statistics on images")
@@ -398,6 +421,7 @@ def build_parser() -> Parser:
     flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")
     flag(p, "--device", default="auto")
     add_dtype_flag(p)
+    add_guide_flags(p)
     flag(p, "--out", default="sample.png")
     p.set_defaults(func=cmd_sample)
 

@@ -115,6 +115,10 @@ class NoiseProcessBase:
         """The time the network sees for path time ``t``."""
         raise NotImplementedError
 
+    def path_time(self, model_time: torch.Tensor) -> torch.Tensor:
+        """The path time of a network time: the inverse of :meth:`model_time`."""
+        raise NotImplementedError
+
     def grid(self, num_inference_steps: int) -> list[tuple[float, float]]:
         """The ``(t, t_prev)`` pairs of a ``num_inference_steps`` sampler, from the noisiest to the clean end."""
         raise NotImplementedError

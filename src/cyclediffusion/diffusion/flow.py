@@ -52,6 +52,10 @@ class FlowMatching(NoiseProcessBase, Configurable):
         """The time the network sees: ``1000 t``."""
         return t.float() * TIME_SCALE
 
+    def path_time(self, model_time: torch.Tensor) -> torch.Tensor:
+        """``model_time / 1000``."""
+        return model_time.float() / TIME_SCALE
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """``x_t = (1 - t) x0 + t noise``."""
         t = broadcast(expand_time(t, x0.shape[0], x0.device, torch.float32), x0)

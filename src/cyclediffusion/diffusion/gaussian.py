@@ -98,6 +98,10 @@ class GaussianDiffusion(NoiseProcessBase, Configurable):
         """The time the network sees: the integer timestep as float (0..T-1)."""
         return t.float()
 
+    def path_time(self, model_time: torch.Tensor) -> torch.Tensor:
+        """The integer timestep of a network time."""
+        return model_time.round().long()
+
     # ----------------------------------------------------------------- forward process
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise``."""

@@ -396,10 +396,13 @@ def evaluate_pipeline(
     progress: bool = True,
     sampler: str | None = None,
     eta: float = 0.0,
+    guide=None,
+    guide_scale: float | None = None,
 ) -> EvalReport:
     """:func:`evaluate` a :class:`~cyclediffusion.Text2ImagePipeline` (image ``i`` seeded ``seed + i``)
-    on ``suite`` (default :func:`build_suite`), sampling with ``sampler`` (default: the noise process's own) and
-    DDIM stochasticity ``eta`` (default 0: deterministic)."""
+    on ``suite`` (default :func:`build_suite`), sampling with ``sampler`` (default: the noise process's own),
+    DDIM stochasticity ``eta`` (default 0: deterministic) and, with a ``guide`` pipeline, autoguidance of weight
+    ``guide_scale`` (default: the pipeline's)."""
     import torch
 
     def generate_fn(prompts: list[str], seed_offset: int) -> list[Image.Image]:
@@ -409,6 +412,10 @@ def evaluate_pipeline(
             kwargs["sampler"] = sampler
         if eta:
             kwargs["eta"] = eta
+        if guide is not None:
+            kwargs["guide"] = guide
+            if guide_scale is not None:
+                kwargs["guide_scale"] = guide_scale
         return pipe(prompts, generator=generators, output_type="pil", **kwargs).images
 
     return evaluate(generate_fn, build_suite() if suite is None else suite, samples_per_prompt, batch_size, progress)

@@ -27,6 +27,7 @@ class DiffusersUNet(nn.Module):
     """``UNet2DConditionModel`` as a :class:`~cyclediffusion.models.Denoiser` (it takes no pooled state)."""
 
     takes_pooled = False
+    self_conditioned = False
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()

@@ -46,6 +46,9 @@ class DiTConfig:
     joint_text: bool = False
     """MM-DiT blocks (Esser et al. 2024, Stable Diffusion 3) instead of cross-attention: the text tokens run through
     every block in a stream of their own weights, and image and text tokens attend to each other in one attention."""
+    self_condition: bool = False
+    """Self-conditioning (Chen et al. 2023, Analog Bits): ``forward`` also takes the denoiser's previous x0 estimate
+    (``x_self_cond``, zeros when absent), embedded by its own zero-initialised patch embedding."""
     gelu_approximate: str = "tanh"
     """The MLPs' GELU: ``"tanh"`` as in the DiT paper (and models saved before this field), or ``"none"``, the exact
     form, which the recipes choose: in bf16 on a CPU its backward is several times faster (the demo's DiT trains
@@ -176,6 +179,9 @@ class DiT(nn.Module, Configurable, ConfigDenoiser):
         cfg = config
         hidden, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = nn.Conv2d(cfg.in_channels, hidden, p, stride=p)
+        self.self_cond_embedder = None  # no bias: a zero estimate adds exactly nothing
+        if cfg.self_condition:
+            self.self_cond_embedder = nn.Conv2d(cfg.in_channels, hidden, p, stride=p, bias=False)
         self.t_embedder = TimestepEmbedder(hidden)
         self.pooled_embedder = nn.Linear(cfg.pooled_dim, hidden) if cfg.pooled_dim else None
         grid = cfg.sample_size // p
@@ -198,7 +204,8 @@ class DiT(nn.Module, Configurable, ConfigDenoiser):
         return cls(DiTConfig(**{**DIT_SIZES[name], **overrides}))
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform linears and patch embedding; zero adaLN, cross-attention output and final layer."""
+        """Xavier-uniform linears and patch embedding; zero adaLN, cross-attention output, final layer and the
+        self-conditioning embedding."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -216,6 +223,8 @@ class DiT(nn.Module, Configurable, ConfigDenoiser):
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.self_cond_embedder is not None:  # at init, the plain DiT
+            nn.init.zeros_(self.self_cond_embedder.weight)
 
     def position_embedding(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """(height * width, hidden) positions for a patch grid: the cached buffer or computed afresh."""
@@ -237,15 +246,20 @@ class DiT(nn.Module, Configurable, ConfigDenoiser):
         context: torch.Tensor,
         pooled: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        x_self_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x`` (B, C, H, W); ``t`` (B,) or scalar time in 0..1000; ``context`` (B, L, context_dim);
         ``pooled`` (B, pooled_dim), required when ``pooled_dim`` is set, ignored otherwise;
-        ``context_mask`` (B, L) bool, True = attend. Returns (B, out_channels, H, W)."""
+        ``context_mask`` (B, L) bool, True = attend; ``x_self_cond`` (B, C, H, W), the previous x0 estimate of a
+        self-conditioned DiT (None: zeros; ignored otherwise). Returns (B, out_channels, H, W)."""
         p = self.config.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"DiT input size {tuple(x.shape[-2:])} is not divisible by patch size {p}")
         height, width = x.shape[-2] // p, x.shape[-1] // p
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.position_embedding(height, width, x.device)
+        h = self.x_embedder(x)
+        if self.self_cond_embedder is not None and x_self_cond is not None:
+            h = h + self.self_cond_embedder(x_self_cond.to(x.dtype))
+        h = h.flatten(2).transpose(1, 2) + self.position_embedding(height, width, x.device)
         c = self.t_embedder(expand_timesteps(t, x.shape[0], x.device))
         if self.pooled_embedder is not None:
             if pooled is None:

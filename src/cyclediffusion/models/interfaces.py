@@ -14,7 +14,8 @@ import torch
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """``denoiser(x_t, model_time, context, pooled=None, context_mask=None) -> prediction`` of x_t's shape."""
+    """``denoiser(x_t, model_time, context, pooled=None, context_mask=None) -> prediction`` of x_t's shape; a
+    ``self_conditioned`` one also takes ``x_self_cond=``, its previous x0 estimate."""
 
     @property
     def in_channels(self) -> int:
@@ -27,6 +28,10 @@ class Denoiser(Protocol):
     @property
     def takes_pooled(self) -> bool:
         """Whether it uses the pooled text state (else ``pooled`` is ignored and may be None)."""
+
+    @property
+    def self_conditioned(self) -> bool:
+        """Whether it reads its previous x0 estimate (``x_self_cond=``; absent means zeros)."""
 
     def __call__(
         self,
@@ -55,6 +60,10 @@ class ConfigDenoiser:
     @property
     def takes_pooled(self) -> bool:
         return self.config.pooled_dim is not None
+
+    @property
+    def self_conditioned(self) -> bool:
+        return getattr(self.config, "self_condition", False)
 
 
 @runtime_checkable

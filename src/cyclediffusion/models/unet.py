@@ -53,6 +53,7 @@ class UNetConfig:
     transformer_depth: int = 1
     coord_channels: bool = False  # two input channels with each cell's (y, x) in [-1, 1]: absolute position
     attention_positions: bool = False  # every transformer adds a learned map of 2-D sin-cos positions to its tokens
+    self_condition: bool = False  # forward also takes the previous x0 estimate (zero-initialised input conv)
 
     def __post_init__(self) -> None:
         if len(self.attention_levels) != len(self.block_channels):
@@ -159,6 +160,9 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
         self.time_embed = TimestepEmbedder(emb_dim)
         self.pooled_proj = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
         self.conv_in = nn.Conv2d(cfg.in_channels + (2 if cfg.coord_channels else 0), chans[0], 3, padding=1)
+        self.self_cond_in = None  # no bias: a zero estimate adds exactly nothing
+        if cfg.self_condition:
+            self.self_cond_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1, bias=False)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout)
@@ -198,9 +202,11 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Zero the output conv and every transformer's proj_out: each starts as the identity/zero map."""
+        """Zero the output conv, the self-conditioning input conv and every transformer's proj_out: each starts as
+        the identity/zero map."""
         transformers = [m for m in self.modules() if isinstance(m, SpatialTransformer)]
-        zeroed = [self.conv_out, *(m.proj_out for m in transformers), *(m.pos_proj for m in transformers if m.pos_proj)]
+        zeroed = [self.conv_out, *([self.self_cond_in] if self.self_cond_in is not None else [])]
+        zeroed += [*(m.proj_out for m in transformers), *(m.pos_proj for m in transformers if m.pos_proj)]
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
             if layer.bias is not None:
@@ -213,10 +219,12 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
         context: torch.Tensor,
         pooled: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        x_self_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x`` (B, C, H, W); ``t`` (B,) or scalar time in 0..1000; ``context`` (B, L, context_dim);
         ``pooled`` (B, pooled_dim), required when ``pooled_dim`` is set, ignored otherwise;
-        ``context_mask`` (B, L) bool, True = attend. Returns (B, out_channels, H, W)."""
+        ``context_mask`` (B, L) bool, True = attend; ``x_self_cond`` (B, C, H, W), the previous x0 estimate of a
+        self-conditioned U-Net (None: zeros; ignored otherwise). Returns (B, out_channels, H, W)."""
         factor = 2 ** (len(self.config.block_channels) - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"UNet input size {tuple(x.shape[-2:])} is not divisible by {factor}")
@@ -227,6 +235,8 @@ class UNet(nn.Module, Configurable, ConfigDenoiser):
             emb = emb + self.pooled_proj(pooled.to(emb.dtype))
 
         h = self.conv_in(with_coordinates(x) if self.config.coord_channels else x)
+        if self.self_cond_in is not None and x_self_cond is not None:
+            h = h + self.self_cond_in(x_self_cond.to(x.dtype))
         skips = [h]
         checkpoint = self.gradient_checkpointing and self.training
         for block in self.down:

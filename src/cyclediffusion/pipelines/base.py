@@ -34,6 +34,14 @@ class ImagePipelineOutput:
 
 
 @dataclass
+class SelfCondition:
+    """What a self-conditioned denoiser read last: the x0 estimate of every row of its previous batched call, carried
+    from one sampler step to the next. One per sampling run; a call whose rows differ starts from zeros."""
+
+    x0: torch.Tensor | None = None
+
+
+@dataclass
 class PromptEmbeds:
     """Encoded prompts: per-token states for cross-attention, the pooled vector, and the real tokens (None: attend
     to every position)."""
@@ -225,13 +233,19 @@ class DiffusionPipeline:
         return Guidance(cond, self.encode_prompt(negatives).repeat(num_images_per_prompt), guidance_scale)
 
     def guided_predictions(
-        self, xs: Sequence[torch.Tensor], t: torch.Tensor, guidances: Sequence[Guidance]
+        self,
+        xs: Sequence[torch.Tensor],
+        t: torch.Tensor,
+        guidances: Sequence[Guidance],
+        self_cond: SelfCondition | None = None,
     ) -> list[torch.Tensor]:
         """The prediction for each ``(x, guidance)`` branch at model time ``t``, all in one denoiser call.
 
         A guided branch (``uncond`` given, scale != 1) is ``uncond + w (cond - uncond)``, computed on all channels
         for any batch size; an unguided one costs a single pass. CycleDiffusion runs its source and target chains
-        as two branches of one call.
+        as two branches of one call. With ``self_cond`` a self-conditioned denoiser reads each row's own previous
+        x0 estimate (the conditional and unconditional rows theirs), and ``self_cond`` keeps this call's; without
+        it the denoiser reads zeros, as it does for a share of its training steps.
         """
         denoiser = self.denoiser
         use_pooled = denoiser.takes_pooled
@@ -243,7 +257,15 @@ class DiffusionPipeline:
         pooled = torch.cat([e.pooled for _, e in parts]).to(dtype) if use_pooled else None
         masks = [e.mask for _, e in parts]
         mask = None if any(m is None for m in masks) else torch.cat(masks)
-        out = list(denoiser(x_in, t_in, context, pooled, mask).float().split([x.shape[0] for x, _ in parts]))
+        extra = {}
+        tracked = self_cond is not None and denoiser.self_conditioned
+        if tracked and self_cond.x0 is not None and self_cond.x0.shape == x_in.shape:
+            extra["x_self_cond"] = self_cond.x0
+        raw = denoiser(x_in, t_in, context, pooled, mask, **extra).float()
+        if tracked:
+            process = self.noise_process
+            self_cond.x0 = process.to_x0_eps(raw, x_in.float(), process.path_time(t_in))[0].to(dtype)
+        out = list(raw.split([x.shape[0] for x, _ in parts]))
         predictions = []
         for g in guidances:
             if g.guided:
@@ -254,9 +276,10 @@ class DiffusionPipeline:
         return predictions
 
     def guided_model_fn(self, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance_scale: float) -> ModelFn:
-        """``model_fn(x_t, t)`` for the noise process: :meth:`guided_predictions` of one branch."""
-        guidance = Guidance(cond, uncond, guidance_scale)
-        return lambda x, t: self.guided_predictions([x], t, [guidance])[0]
+        """``model_fn(x_t, t)`` for the noise process: :meth:`guided_predictions` of one branch; a self-conditioned
+        denoiser reads its estimate of the previous call (one sampling run per ``model_fn``)."""
+        guidance, state = Guidance(cond, uncond, guidance_scale), SelfCondition()
+        return lambda x, t: self.guided_predictions([x], t, [guidance], state)[0]
 
     # ----------------------------------------------------------------- images
     @property

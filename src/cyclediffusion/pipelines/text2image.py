@@ -6,8 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..diffusion.base import Generator, randn
-from .base import DiffusionPipeline, ImagePipelineOutput, as_list, every
+from ..diffusion.base import Generator, ModelFn, randn
+from .base import DiffusionPipeline, Guidance, ImagePipelineOutput, PromptEmbeds, SelfCondition, as_list, every
+
+GUIDE_SCALE = 3.0  # autoguidance weight: the best of 1-5 on five 10-minute demo-recipe models (README)
 
 
 class Text2ImagePipeline(DiffusionPipeline):
@@ -34,6 +36,8 @@ class Text2ImagePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         sampler: str | None = None,
         eta: float = 0.0,
+        guide: Text2ImagePipeline | None = None,
+        guide_scale: float = GUIDE_SCALE,
     ) -> ImagePipelineOutput:
         """Generate images for ``prompt``.
 
@@ -52,13 +56,21 @@ class Text2ImagePipeline(DiffusionPipeline):
             sampler: ``ddim`` (default), ``ddpm`` or ``dpm++2m`` for Gaussian diffusion; ``euler`` (default),
                 ``heun`` or ``dpm++2m`` for flow matching.
             eta: DDIM's stochasticity in [0, 1]: Gaussian diffusion's ``ddim`` and flow matching's ``euler``.
+            guide: autoguidance (Karras et al. 2024): a weaker model of the same kind, such as this model's own
+                run exported part of the way (``train --export-guide``); the prediction moves ``guide_scale`` times
+                the distance from the guide's conditional prediction to this model's, on top of classifier-free
+                guidance: ``uncond + w (cond - uncond) + guide_scale (cond - guide_cond)``.
         """
         prompts = as_list(prompt, "prompt")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         batch = len(prompts) * num_images_per_prompt
         guidance = self.prompt_guidance(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
-        model_fn = self.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
+        if guide is None:
+            model_fn = self.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
+        else:
+            guide_cond = self.check_guide(guide).encode_prompt(prompts).repeat(num_images_per_prompt)
+            model_fn = self.autoguided_model_fn(guidance, guide, guide_cond, guide_scale)
 
         if latents is None:
             latents = randn(self.latent_shape(batch, height, width), generator, self.device)
@@ -76,6 +88,39 @@ class Text2ImagePipeline(DiffusionPipeline):
             callback=every(callback, callback_steps),
         )
         return self.postprocess(x0, output_type)
+
+    def check_guide(self, guide: Text2ImagePipeline) -> Text2ImagePipeline:
+        """``guide``, once it is known to predict what this model predicts, on the same latents."""
+        process, other = self.noise_process, guide.noise_process
+        same_kind = type(process) is type(other) and getattr(process, "prediction_type", None) == getattr(
+            other, "prediction_type", None
+        )
+        if not same_kind:
+            raise ValueError("the guide must be trained with the same noise process and prediction type")
+        if (guide.denoiser.in_channels, guide.latent_factor) != (self.denoiser.in_channels, self.latent_factor):
+            raise ValueError("the guide must work on the same latents (its VAE's channels and downsampling)")
+        return guide
+
+    def autoguided_model_fn(
+        self, guidance: Guidance, guide: Text2ImagePipeline, guide_cond: PromptEmbeds, guide_scale: float
+    ) -> ModelFn:
+        """``model_fn(x_t, t)`` of :meth:`__call__`'s ``guide``: classifier-free guidance plus ``guide_scale`` x
+        (this model's conditional prediction - the guide's)."""
+        if guide_scale < 0:
+            raise ValueError(f"guide scale must be non-negative, got {guide_scale}")
+        guide_fn = guide.guided_model_fn(guide_cond, None, 1.0)
+        state = SelfCondition()
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if guidance.guided:
+                uncond, cond = self.guided_predictions([x, x], t, [Guidance(guidance.uncond), Guidance(guidance.cond)],
+                                                       state)  # fmt: skip
+                guided = uncond + guidance.scale * (cond - uncond)
+            else:
+                cond = guided = self.guided_predictions([x], t, [guidance], state)[0]
+            return guided + guide_scale * (cond - guide_fn(x, t))
+
+        return model_fn
 
     def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
         """(B, C, h, w) of the starting noise for images of ``height`` x ``width`` pixels."""

@@ -116,6 +116,40 @@ class Export(L.Callback):
             export_atomically(self.export_fn, inference_module(trainer, pl_module), self.directory)
 
 
+def run_share(trainer: L.Trainer) -> tuple[float, float | None]:
+    """``(progress, time_fraction)``: the share of the run done now, by steps of ``max_steps`` or by time of the
+    budget (Lightning's timer, resumes included), whichever leads; and the time share alone (None untimed)."""
+    progress = trainer.global_step / trainer.max_steps if trainer.max_steps > 0 else 0.0
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is None:
+        return progress, None
+    elapsed = timer.time_elapsed()
+    fraction = elapsed / max(elapsed + remaining, 1e-9)
+    return max(progress, fraction), fraction
+
+
+class ExportAt(L.Callback):
+    """Writes the inference model once, after the step that completes ``share`` of the run (:func:`run_share`): a
+    weaker copy of the final model, for autoguidance. A fresh run first removes an older one; a resumed run that has
+    passed ``share`` keeps the one it wrote."""
+
+    def __init__(self, directory: str | Path, export_fn, share: float) -> None:
+        self.directory, self.export_fn, self.share = Path(directory), export_fn, share
+        self.done = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.done = trainer.global_step > 0 and self.directory.is_dir()
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self.done and run_share(trainer)[0] >= self.share:
+            self.done = True
+            if trainer.is_global_zero:
+                export_atomically(self.export_fn, inference_module(trainer, pl_module), self.directory)
+
+
 class StopWhen(L.Callback):
     """Stops training once ``score_fn(model)`` reaches ``threshold``: early stopping on a score of the inference
     model (the EMA copy when there is one), computed every ``every_n_steps`` steps, logged as ``name`` and kept in

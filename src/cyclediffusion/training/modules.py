@@ -13,6 +13,7 @@ whose loss is not finite stops the run with :class:`NonFiniteLossError` before i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
 
 from ..diffusion import NoiseProcess
 from ..diffusion.base import TrainingLoss, immiscible, randn
@@ -28,6 +28,7 @@ from ..models import AutoencoderKL, Captioner, DiagonalGaussian, TextEncoder
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline, check_compatible
 from ..text import Tokenizer
+from .callbacks import run_share
 from .caption_loss import CYCLE_STREAM, CycleLoss
 from .options import LR_SCHEDULES, CycleConfig
 from .repa import FrozenEncoder, RepresentationAlignment
@@ -123,14 +124,9 @@ class StepModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Before each step: how much of the run is done (``progress``), and of its time budget (Lightning's timer,
         resumes included), which a timed cosine schedule follows."""
-        max_steps = self.trainer.max_steps
-        self.progress = self.trainer.global_step / max_steps if max_steps > 0 else 0.0
-        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
-        remaining = timer.time_remaining() if timer is not None else None
-        if remaining is not None:
-            elapsed = timer.time_elapsed()
-            self.optim.time_fraction = elapsed / max(elapsed + remaining, 1e-9)
-            self.progress = max(self.progress, self.optim.time_fraction)
+        self.progress, fraction = run_share(self.trainer)
+        if fraction is not None:
+            self.optim.time_fraction = fraction
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradients that are not finite stop the run before they reach the weights (as a non-finite loss does).
@@ -249,7 +245,9 @@ class DiffusionModule(StepModule):
     image of the batch with a nearby noise draw (:func:`~cyclediffusion.diffusion.immiscible`); under DDP each
     rank pairs its own rows, so that option alone makes a split run differ from a single-process one. A
     ``repa_encoder`` adds ``repa_weight`` x the representation-alignment loss of :mod:`~.repa` until ``repa_until``
-    of the run is done.
+    of the run is done. With ``self_condition`` p > 0 (a self-conditioned denoiser), a share p of the steps first
+    runs the denoiser without gradient and feeds its x0 estimate back as ``x_self_cond`` (Chen et al. 2023); the
+    other steps feed nothing (zeros), as every call that keeps no estimate does.
     """
 
     def __init__(
@@ -271,8 +269,14 @@ class DiffusionModule(StepModule):
         repa_weight: float = 0.5,
         repa_until: float = 1.0,
         captioner_device: str | None = None,
+        self_condition: float = 0.0,
     ) -> None:
         super().__init__(optim, seed)
+        if not 0 <= self_condition <= 1:
+            raise ValueError(f"self-conditioning is a probability in [0, 1], got {self_condition}")
+        if self_condition > 0 and not denoiser.self_conditioned:
+            raise ValueError("self-conditioning needs a denoiser built with self_condition=True")
+        self.self_condition = self_condition
         self.immiscible_noise = immiscible_noise
         self._loss_bins: torch.Tensor | None = None  # (sum, count) per noise bin since the last logged step
         self.repa = RepresentationAlignment(denoiser, repa_encoder.dim) if repa_encoder is not None else None
@@ -355,11 +359,18 @@ class DiffusionModule(StepModule):
         if self.immiscible_noise:
             noise = immiscible(x0, noise)
 
+        estimate = self.self_condition > 0 and bool(torch.rand((), generator=g, device=g.device) < self.self_condition)
+
         ids = self.tokenizer(kept).input_ids.to(self.device)
         text = self.text_encoder(ids)
 
         def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(x, s, text.hidden_states, text.pooled, text.mask)
+            denoise = functools.partial(self.denoiser, x, s, text.hidden_states, text.pooled, text.mask)
+            if not estimate:
+                return denoise()
+            with torch.no_grad():
+                x0_hat = self.noise_process.to_x0_eps(denoise().float(), x, t)[0]
+            return denoise(x_self_cond=x0_hat)
 
         align = self.repa is not None and self.progress < self.repa_until
         with self.repa.capture() if align else contextlib.nullcontext():

@@ -104,6 +104,10 @@ class RunOptions:
     log_every: int = option(25, "log metrics every N steps", parse=positive_int)
     checkpoint_every: int = option(500, "resume checkpoint every N steps")
     export_every: int = option(0, "export the model every N steps (always at the end)")
+    export_guide: float | None = option(
+        None, "also export the model once this share of the run is done, to OUT/guide: a weaker copy of the final "
+        "model for autoguidance (sample/eval --guide-model; 0.5 is usual)",
+    )  # fmt: skip
     sample_every: int = option(0, "sample grid of fixed prompts every N steps")
     resume: bool = option(True, "continue from OUT/checkpoints/last.ckpt when it exists (--no-resume: start afresh)")
     progress: bool = option(True, "show a progress bar")
@@ -113,6 +117,8 @@ class RunOptions:
             raise ValueError("give the length of the run: --steps, --epochs or --minutes")
         if self.batch_size < 1 or self.accumulate < 1:
             raise ValueError(f"batch size and accumulation must be >= 1, got {self.batch_size}, {self.accumulate}")
+        if self.export_guide is not None and not 0 < self.export_guide < 1:
+            raise ValueError(f"--export-guide is a share of the run in (0, 1), got {self.export_guide}")
 
 
 @dataclass
@@ -242,6 +248,10 @@ class ModelOptions:
     repa_encoder: str = option("vae", "REPA target: the VAE encoder, or the --captioner's image encoder",
                                choices=REPA_ENCODERS)  # fmt: skip
     repa_until: float = option(1.0, "share of the run (steps or minutes) after which REPA is off")
+    self_condition: float = option(
+        0.0, "self-conditioning: share of the steps on which the denoiser also reads its own x0 estimate, as it does "
+        "at every sampler step (0: off; 0.5 is usual)",
+    )  # fmt: skip
     immiscible_noise: bool = option(False, "pair each image of a batch with a nearby noise draw (immiscible diffusion)")
     text_width: int = option(128, "text encoder width", parse=positive_int, aliases=("text_emb_dim",))
     text_layers: int = option(2, "text encoder layers", parse=positive_int)
@@ -286,6 +296,8 @@ class ModelOptions:
             raise ValueError("--num-train-timesteps is an option of --scheduler ddpm")
         if self.logit_mean is not None and (self.scheduler != "flow" or self.time_sampling != "logit_normal"):
             raise ValueError("--logit-mean is an option of --scheduler flow with --time-sampling logit_normal")
+        if not 0 <= self.self_condition <= 1:
+            raise ValueError(f"--self-condition is a probability in [0, 1], got {self.self_condition}")
         if not 0 < self.repa_until <= 1:
             raise ValueError(f"--repa-until is a share of the run in (0, 1], got {self.repa_until}")
         if self.repa_weight > 0 and self.repa_encoder == "captioner" and not self.captioner:
@@ -349,10 +361,11 @@ class ModelOptions:
 
     def architecture(self) -> dict[str, object]:
         """The fields set on top of ``model_size`` (see :func:`~cyclediffusion.recipes.build_denoiser`)."""
+        sc = {"self_condition": True} if self.self_condition > 0 else {}
         if self.backbone == "dit":
-            return self.dit_fields()
+            return self.dit_fields() | sc
         flags = {"coord_channels": self.coord_channels, "attention_positions": self.attention_positions}
-        return {"base_channels": self.unet_base_channels, **{k: True for k, on in flags.items() if on}}
+        return {"base_channels": self.unet_base_channels, **{k: True for k, on in flags.items() if on}} | sc
 
 
 @dataclass

@@ -40,6 +40,7 @@ from ..recipes import build_captioner, build_vae
 from .callbacks import (
     EMA,
     Export,
+    ExportAt,
     MetricsFile,
     ResumeCheckpoint,
     RunProgressBar,
@@ -304,8 +305,11 @@ def train_text2image(
         repa_until=model.repa_until,
         captioner_device=model.captioner_device,
         train_text_encoder=model.train_text_encoder,
+        self_condition=model.self_condition,
     )
     own: list[L.Callback] = [Export(out / "model", save, run.export_every)]
+    if run.export_guide:
+        own.append(ExportAt(out / "guide", save, run.export_guide))
     if run.sample_every:
         own.append(SampleGrid(model.sample_prompts, out / "samples", run.sample_every, seed=run.seed))
     trainer = fit(module, dataset, run, steps, data.num_workers, [*own, *callbacks])
