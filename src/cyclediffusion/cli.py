@@ -151,12 +151,12 @@ def guide_options(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     return {"guide": guide.to(dtype=dtype), "guide_scale": args.guide_scale}
 
 
-def add_guide_flags(p: argparse.ArgumentParser) -> None:
-    from .pipelines.text2image import GUIDE_SCALE
-
+def add_guide_flags(p: argparse.ArgumentParser, call: Callable) -> None:
+    """``--guide-model`` and ``--guide-scale`` (default: ``call``'s)."""
     flag(p, "--guide-model", default=None, help="autoguidance: a weaker model of the same kind (a run's OUT/guide "
          "from train --export-guide), guided away from; best with a lower --guidance (2)")  # fmt: skip
-    flag(p, "--guide-scale", type=float, default=GUIDE_SCALE, help="autoguidance weight (with --guide-model)")
+    flag(p, "--guide-scale", type=float, default=api_default(call, "guide_scale"),
+         help="autoguidance weight (with --guide-model)")  # fmt: skip
 
 
 def check_scheduler(pipe: Any, scheduler: str | None, model: str) -> None:
@@ -376,7 +376,7 @@ def build_parser() -> Parser:
     flag(p, "--device", default="auto")
     flag(p, "--out", default=None, help="folder for shapes_eval.json and failures.png (default: RUN/eval)")
     flag(p, "--captioner", default=None, help="also score this captioner on the model's samples (true of the drawing)")
-    add_guide_flags(p)
+    add_guide_flags(p, Text2ImagePipeline.__call__)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-vae", help="VAE reconstruction (PSNR, SSIM) and latent statistics on images")
@@ -421,7 +421,7 @@ def build_parser() -> Parser:
     flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")
     flag(p, "--device", default="auto")
     add_dtype_flag(p)
-    add_guide_flags(p)
+    add_guide_flags(p, call)
     flag(p, "--out", default="sample.png")
     p.set_defaults(func=cmd_sample)
 

@@ -19,6 +19,7 @@ import torch
 from .data.shapes import ShapesConfig, write_imagefolder
 from .images import make_grid, save_image
 from .pipelines import Text2ImagePipeline
+from .pipelines.text2image import GUIDE_SCALE
 from .precision import choose_precision
 from .recipes import DEFAULT_GUIDANCE
 from .training.options import DataOptions, ModelOptions, RunOptions, VAEOptions
@@ -60,12 +61,13 @@ IMMISCIBLE = False
 # 96%. Stopping as soon as the ceiling reached 0.95 (500-800 steps on an AVX512_BF16 machine) gave demos of overall
 # 0.58 and 0.57 (two seeds) against 0.65 with the full 22% share: the floor keeps that on fast machines.
 # Autoguidance: the text-to-image run also exports its model at GUIDE_SHARE of the run (`t2i/guide`), and the grid and
-# the report sample with classifier-free guidance GUIDANCE plus autoguidance GUIDE_SCALE away from that weaker copy.
+# the report sample with classifier-free guidance GUIDANCE plus autoguidance (the pipeline's GUIDE_SCALE, 3) away from
+# that weaker copy.
 # On five 10-minute models of the demo's recipe (each guided by its own 5-minute export): overall +0.019 (+0.013 to
 # +0.032 on every one), counting +0.10, binding +0.12, single -0.055, relations -0.05 against plain guidance 4
 # (README, "Self-conditioning and autoguidance"); on three models of the demo's own length, even overall (+0.002),
 # counting +0.04.
-GUIDE_SHARE, GUIDANCE, GUIDE_SCALE = 0.5, 2.0, 3.0
+GUIDE_SHARE, GUIDANCE = 0.5, 2.0
 VAE_STOP = 0.95
 VAE_MIN_SHARE = 0.22
 VAE_SHARE = 0.35
@@ -220,8 +222,8 @@ def vae_ceiling(vae_dir: Path) -> dict[str, float]:
 
 
 def guided_sampling(guide: Text2ImagePipeline | None) -> dict:
-    """How the demo samples: with ``guide``, guidance :data:`GUIDANCE` and autoguidance :data:`GUIDE_SCALE`;
-    without, the model's own guidance."""
+    """How the demo samples: with ``guide``, guidance :data:`GUIDANCE` and autoguidance ``GUIDE_SCALE`` (the
+    pipeline's); without, the model's own guidance."""
     return {} if guide is None else {"guidance_scale": GUIDANCE, "guide": guide, "guide_scale": GUIDE_SCALE}
 
 
