@@ -79,7 +79,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_p2_192": ({**DIT, "mask_padding": True, "model_size": "mini/2"}, {}, {}),  # width 192, 2x2 patches
     "dit_joint": ({**DIT, "mask_padding": True, "dit_joint_text": True}, {}, {}),  # MM-DiT blocks
     "dit_sc": ({**DIT, "mask_padding": True, "self_condition": 0.5}, {}, {}),  # self-conditioning, half the steps
-    "dit_guide": ({**DIT, "mask_padding": True}, {}, {"export_guide": 0.5}),  # + RUN/guide for eval --guide-model
+    "dit_guide": ({**DIT, "mask_padding": True}, {}, {"export_guide": 0.5}),  # the model carries RUN/guide: eval guided
     "dit_mask_imm": ({**DIT, "mask_padding": True, "immiscible_noise": True}, {}, {}),
     "attn8": ({"model_size": "medium"}, {}, {}),
     "captions": ({}, CAPTIONS, {}),

@@ -3,6 +3,8 @@ on top of classifier-free guidance, ``uncond + w (cond - uncond) + s (cond - gui
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -87,3 +89,73 @@ def test_cli_sample_and_eval_take_a_guide_model(tmp_path, capsys) -> None:
     assert reports[0]["records"] != reports[1]["records"]
     capsys.readouterr()
     assert main([*base, "--guide-model", str(tmp_path / "nowhere")]) == 2
+
+
+def carrying(good: Text2ImagePipeline, weak: Text2ImagePipeline, **kwargs) -> Text2ImagePipeline:
+    """``good`` with ``weak`` as its own guide."""
+    return Text2ImagePipeline(**good.components, guidance_scale=4.0, guide=weak, **kwargs)
+
+
+def test_a_saved_model_carries_its_guide_and_samples_with_it_by_default(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    good, weak = pipeline(0), pipeline(1)
+    carrying(good, weak, guide_scale=2.5).save_pretrained(tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    assert (index["_guidance_scale"], index["_guide_scale"], index["_guide_guidance_scale"]) == (4.0, 2.5, 2.0)
+    saved = load_file(tmp_path / "m" / "guide" / "denoiser" / "model.safetensors")
+    for name, p in weak.denoiser.state_dict().items():
+        torch.testing.assert_close(saved[name], p, atol=0, rtol=0)
+    loaded = Text2ImagePipeline.from_pretrained(tmp_path / "m")
+    assert loaded.guide is not None and (loaded.guide_scale, loaded.guide_guidance_scale) == (2.5, 2.0)
+
+    def draw(pipe: Text2ImagePipeline, **kwargs) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        return pipe(PROMPTS, num_inference_steps=3, output_type="latent", generator=gen, **kwargs).images
+
+    explicit = draw(good, guide=weak, guide_scale=2.5, guidance_scale=2.0)
+    torch.testing.assert_close(draw(loaded), explicit, atol=1e-5, rtol=0)  # the folder's recipe, guide and all
+    plain = Text2ImagePipeline(**good.components, guidance_scale=4.0)
+    torch.testing.assert_close(draw(loaded, guide_scale=0.0), draw(plain), atol=1e-5, rtol=0)  # 0: the plain model
+    assert (draw(loaded) - draw(plain)).abs().max() > 1e-2
+    torch.testing.assert_close(
+        draw(loaded, guidance_scale=3.0), draw(good, guide=weak, guide_scale=2.5, guidance_scale=3.0), atol=1e-5, rtol=0
+    )
+    other = pipeline(2)
+    torch.testing.assert_close(draw(loaded, guide=other), draw(good, guide=other, guide_scale=2.5, guidance_scale=2.0),
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+    loaded.to(dtype=torch.bfloat16)  # the guide moves with the model
+    assert next(loaded.guide.denoiser.parameters()).dtype == torch.bfloat16
+    plain.save_pretrained(tmp_path / "plain")
+    assert "_guide_scale" not in json.loads((tmp_path / "plain" / "model_index.json").read_text())
+    assert Text2ImagePipeline.from_pretrained(tmp_path / "plain").guide is None
+
+
+def test_a_carried_guide_of_another_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="same noise process"):
+        carrying(pipeline(0), pipeline(1, "ddpm"))
+    with pytest.raises(ValueError, match="non-negative"):
+        carrying(pipeline(0), pipeline(1), guide_scale=-1.0)
+
+
+def test_cli_sample_uses_the_models_own_guide_unless_told_otherwise(tmp_path) -> None:
+    from cyclediffusion.cli import main
+    from cyclediffusion.pipelines import CycleDiffusionPipeline
+
+    good, weak = pipeline(0), pipeline(1)
+    carrying(good, weak).save_pretrained(tmp_path / "carrying")
+    Text2ImagePipeline(**good.components, guidance_scale=4.0).save_pretrained(tmp_path / "plain")
+    weak.save_pretrained(tmp_path / "weak")
+    base = ["sample", "--prompt", "a red square", "--steps", "3", "--dtype", "float32"]
+
+    def png(model: str, *extra: str) -> bytes:
+        out = tmp_path / f"{model}{'_'.join(extra)}.png"
+        assert main([*base, "--model", str(tmp_path / model), *extra, "--out", str(out)]) == 0
+        return out.read_bytes()
+
+    by_default = png("carrying")
+    assert by_default == png("plain", "--guide-model", str(tmp_path / "weak"), "--guidance", "2")
+    assert png("carrying", "--guide-scale", "0") == png("plain")
+    assert by_default != png("plain")
+    assert CycleDiffusionPipeline.from_pretrained(tmp_path / "carrying").guidance_scale == 4.0  # edits: plain guidance

@@ -34,3 +34,6 @@ def test_demo_writes_models_grid_and_report(tmp_path):
     assert f"| {scores['overall']:.3f} |" in text  # and its table is that evaluation's
     guide = Text2ImagePipeline.from_pretrained(out / "t2i" / "guide")  # autoguidance's weaker copy: step 4 of 8
     assert any(not torch.equal(a, b) for a, b in zip(guide.denoiser.parameters(), pipe.denoiser.parameters()))
+    assert pipe.guide is not None  # which the model carries, so that `sample` and `eval` draw as the report did
+    for a, b in zip(guide.denoiser.parameters(), pipe.guide.denoiser.parameters()):
+        assert torch.equal(a, b)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from cyclediffusion import Text2ImagePipeline
 from cyclediffusion.cli import main
 from cyclediffusion.eval import CATEGORIES
 from cyclediffusion.recipes import build_noise_process as build_process
@@ -444,7 +445,7 @@ def test_stop_when_ends_the_run_at_the_first_check_that_reaches_the_threshold(tm
 
 def test_export_guide_writes_the_model_of_that_share_of_the_run(tmp_path):
     """``--export-guide 0.5`` of a 6-step run is the model a 3-step run ends with (constant LR, step-keyed batches);
-    the final model has moved on from it."""
+    the final model has moved on from it, and carries it as its guide."""
     data = DataOptions(data=str(write_folder(tmp_path / "data")), image_size=16)
     options = dict(lr_schedule="constant", resume=False)
     train_text2image(data, tiny_run(tmp_path / "long", steps=6, export_guide=0.5, **options), tiny_model())
@@ -454,5 +455,9 @@ def test_export_guide_writes_the_model_of_that_share_of_the_run(tmp_path):
     for key in guide:
         torch.testing.assert_close(guide[key], short[key], atol=1e-6, rtol=0, msg=key)
     assert any(not torch.equal(guide[k], final[k]) for k in guide)
+    carried = load_file(tmp_path / "long" / "model" / "guide" / "denoiser" / "model.safetensors")
+    assert carried.keys() == guide.keys() and all(torch.equal(carried[k], guide[k]) for k in guide)
+    assert Text2ImagePipeline.from_pretrained(tmp_path / "long").guide is not None  # sampled with by default
+    assert Text2ImagePipeline.from_pretrained(tmp_path / "short").guide is None
     with pytest.raises(ValueError, match="share of the run"):
         tiny_run(tmp_path / "x", steps=2, export_guide=1.0)

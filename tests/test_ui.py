@@ -23,9 +23,9 @@ from helpers import randomise_zeros, tiny_pipeline
 SIZE = 16
 
 
-def tiny_model(folder: Path, process: str = "ddpm") -> Path:
+def tiny_model(folder: Path, process: str = "ddpm", seed: int = 0) -> Path:
     """A saved pixel-space pipeline whose denoiser says something (a run folder with ``model/``)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     pipe = tiny_pipeline("unet", process, size=SIZE)
     randomise_zeros(pipe.denoiser)
     pipe.save_pretrained(folder / "model")
@@ -300,3 +300,25 @@ def test_the_pins_give_a_working_gradio():
             assert metadata.version(name) == version, name
     wants = [Requirement(r) for r in metadata.requires("gradio") if r.lower().startswith("pillow")]
     assert wants and all(r.specifier.contains(pins["pillow"]) for r in wants)
+
+
+def test_a_model_that_carries_a_guide_generates_with_it_unless_its_weight_is_zero(one_thread, tmp_path):
+    from cyclediffusion import Text2ImagePipeline
+
+    good, weak = (Text2ImagePipeline.from_pretrained(tiny_model(tmp_path / name, seed=seed)) for name, seed in
+                  (("good", 0), ("weak", 1)))  # fmt: skip
+    Text2ImagePipeline(**good.components, guide=weak).save_pretrained(tmp_path / "carrying" / "model")
+    studio = Studio(tmp_path / "carrying", device="cpu", dtype="float32", limits=Limits(max_steps=30, max_images=4))
+
+    def drawn(pipe, **kwargs) -> np.ndarray:
+        return pixels(pipe("a red square", num_inference_steps=4, generator=[torch.Generator().manual_seed(3)],
+                           **kwargs).images[0])  # fmt: skip
+
+    guided = pixels(studio.generate("a red square", steps=4, seed=3).images[0])
+    assert np.abs(guided - drawn(good, guide=weak, guidance_scale=2.0)).max() <= 1  # the model's own recipe
+    off = pixels(studio.generate("a red square", steps=4, seed=3, guide_scale=0).images[0])
+    assert np.abs(off - drawn(good)).max() <= 1
+    assert np.abs(guided - off).max() > 10
+    with pytest.raises(InputError, match="guide scale"):
+        studio.generate("a red square", guide_scale=-1)
+    assert "autoguidance" in studio.card() and "autoguidance" not in Studio(tmp_path / "good", device="cpu").card()

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from .diffusion import flow, gaussian
 from .options import add_flags, given_flags, read_config, resolve, spellings
 from .pipelines.base import DEFAULT_STEPS, pick_device
+from .pipelines.text2image import GUIDE_SCALE
 from .precision import cast_pipeline
 from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_int
 
@@ -140,23 +141,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def guide_options(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
-    """``guide`` and ``guide_scale`` of the text-to-image pipeline from ``--guide-model`` and ``--guide-scale``."""
+    """``guide`` and ``guide_scale`` of the text-to-image pipeline from ``--guide-model`` and ``--guide-scale`` (none
+    given: the model's own guide, if its folder has one, at its own scale)."""
+    scale = {} if args.guide_scale is None else {"guide_scale": args.guide_scale}
     if args.guide_model is None:
-        return {}
+        return scale
     from .pipelines import Text2ImagePipeline
     from .pipelines.storage import resolve_model_dir
 
     guide = Text2ImagePipeline.from_pretrained(resolve_model_dir(args.guide_model), device=pipe.device)
     dtype = next(pipe.denoiser.parameters()).dtype
-    return {"guide": guide.to(dtype=dtype), "guide_scale": args.guide_scale}
+    return {"guide": guide.to(dtype=dtype), **scale}
 
 
-def add_guide_flags(p: argparse.ArgumentParser, call: Callable) -> None:
-    """``--guide-model`` and ``--guide-scale`` (default: ``call``'s)."""
+def add_guide_flags(p: argparse.ArgumentParser) -> None:
+    """``--guide-model`` and ``--guide-scale``."""
     flag(p, "--guide-model", default=None, help="autoguidance: a weaker model of the same kind (a run's OUT/guide "
-         "from train --export-guide), guided away from; best with a lower --guidance (2)")  # fmt: skip
-    flag(p, "--guide-scale", type=float, default=api_default(call, "guide_scale"),
-         help="autoguidance weight (with --guide-model)")  # fmt: skip
+         "from train --export-guide), guided away from; best with a lower --guidance (2). Default: the model's "
+         "own guide, if its folder has one (runs trained with --export-guide)")  # fmt: skip
+    flag(p, "--guide-scale", type=float, default=None,
+         help=f"autoguidance weight (default: the model's own, else {GUIDE_SCALE:g}; 0: no autoguidance)")  # fmt: skip
 
 
 def check_scheduler(pipe: Any, scheduler: str | None, model: str) -> None:
@@ -376,7 +380,7 @@ def build_parser() -> Parser:
     flag(p, "--device", default="auto")
     flag(p, "--out", default=None, help="folder for shapes_eval.json and failures.png (default: RUN/eval)")
     flag(p, "--captioner", default=None, help="also score this captioner on the model's samples (true of the drawing)")
-    add_guide_flags(p, Text2ImagePipeline.__call__)
+    add_guide_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-vae", help="VAE reconstruction (PSNR, SSIM) and latent statistics on images")
@@ -421,7 +425,7 @@ def build_parser() -> Parser:
     flag(p, "--scale", type=positive_int, default=1, help="enlarge the PNG (nearest neighbour)")
     flag(p, "--device", default="auto")
     add_dtype_flag(p)
-    add_guide_flags(p, call)
+    add_guide_flags(p)
     flag(p, "--out", default="sample.png")
     p.set_defaults(func=cmd_sample)
 

@@ -19,7 +19,7 @@ import torch
 from .data.shapes import ShapesConfig, write_imagefolder
 from .images import make_grid, save_image
 from .pipelines import Text2ImagePipeline
-from .pipelines.text2image import GUIDE_SCALE
+from .pipelines.text2image import GUIDE_GUIDANCE, GUIDE_SCALE
 from .precision import choose_precision
 from .recipes import DEFAULT_GUIDANCE
 from .training.options import DataOptions, ModelOptions, RunOptions, VAEOptions
@@ -60,14 +60,14 @@ IMMISCIBLE = False
 # an AVX2 core pair) the recipe reconstructs 8% to 81% of two-object scenes right depending on the seed, in 1181 steps
 # 96%. Stopping as soon as the ceiling reached 0.95 (500-800 steps on an AVX512_BF16 machine) gave demos of overall
 # 0.58 and 0.57 (two seeds) against 0.65 with the full 22% share: the floor keeps that on fast machines.
-# Autoguidance: the text-to-image run also exports its model at GUIDE_SHARE of the run (`t2i/guide`), and the grid and
-# the report sample with classifier-free guidance GUIDANCE plus autoguidance (the pipeline's GUIDE_SCALE, 3) away from
-# that weaker copy.
+# Autoguidance: the text-to-image run also exports its model at GUIDE_SHARE of the run (`t2i/guide`), which the final
+# model carries (`t2i/model/guide`): it samples by default with autoguidance (the pipeline's recipe: weight GUIDE_SCALE,
+# 3, away from that weaker copy, classifier-free guidance GUIDE_GUIDANCE, 2, beside it), the grid and report included.
 # On five 10-minute models of the demo's recipe (each guided by its own 5-minute export): overall +0.019 (+0.013 to
 # +0.032 on every one), counting +0.10, binding +0.12, single -0.055, relations -0.05 against plain guidance 4
 # (README, "Self-conditioning and autoguidance"); on three models of the demo's own length, even overall (+0.002),
 # counting +0.04.
-GUIDE_SHARE, GUIDANCE = 0.5, 2.0
+GUIDE_SHARE = 0.5
 VAE_STOP = 0.95
 VAE_MIN_SHARE = 0.22
 VAE_SHARE = 0.35
@@ -180,12 +180,11 @@ def run_demo(
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = Text2ImagePipeline.from_pretrained(out / "t2i" / "model", device=device)
-    guide = Text2ImagePipeline.from_pretrained(out / "t2i" / "guide", device=device)
-    grid_path = sample_grid(pipe, out / "samples.png", samples_per_prompt, seed, guide)
+    pipe = Text2ImagePipeline.from_pretrained(out / "t2i" / "model", device=device)  # with its guide
+    grid_path = sample_grid(pipe, out / "samples.png", samples_per_prompt, seed)
     timings["sampling"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = shapes_eval(pipe, out / "t2i" / "eval", seed, guide)
+    scores = shapes_eval(pipe, out / "t2i" / "eval", seed)
     timings["ShapesEval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return write_report(out, grid_path, timings, precision, ceiling, scores)
@@ -221,34 +220,23 @@ def vae_ceiling(vae_dir: Path) -> dict[str, float]:
     return scores
 
 
-def guided_sampling(guide: Text2ImagePipeline | None) -> dict:
-    """How the demo samples: with ``guide``, guidance :data:`GUIDANCE` and autoguidance ``GUIDE_SCALE`` (the
-    pipeline's); without, the model's own guidance."""
-    return {} if guide is None else {"guidance_scale": GUIDANCE, "guide": guide, "guide_scale": GUIDE_SCALE}
-
-
 @torch.no_grad()
-def shapes_eval(
-    pipe: Text2ImagePipeline, folder: Path, seed: int, guide: Text2ImagePipeline | None = None
-) -> dict[str, float]:
-    """ShapesEval of the trained model (:data:`EVAL_SAMPLES` per prompt, 25 steps, :func:`guided_sampling`, the
-    held-out pair too), saved to ``folder`` as ``cyclediffusion eval`` saves it; returns the accuracies."""
+def shapes_eval(pipe: Text2ImagePipeline, folder: Path, seed: int) -> dict[str, float]:
+    """ShapesEval of the trained model (:data:`EVAL_SAMPLES` per prompt, 25 steps, the model's own guidance and
+    guide, the held-out pair too), saved to ``folder`` as ``cyclediffusion eval`` saves it; returns the accuracies."""
     from .eval import build_suite, evaluate_pipeline
 
     report = evaluate_pipeline(
-        pipe, build_suite(held_out=DEMO_HOLDOUT), EVAL_SAMPLES, num_inference_steps=25, seed=seed, progress=False,
-        **guided_sampling(guide),
-    )  # fmt: skip
+        pipe, build_suite(held_out=DEMO_HOLDOUT), EVAL_SAMPLES, num_inference_steps=25, seed=seed, progress=False
+    )
     report.save(folder)
     return {"overall": report.overall, **report.accuracy}
 
 
 @torch.no_grad()
-def sample_grid(
-    pipe: Text2ImagePipeline, path: Path, per_prompt: int, seed: int, guide: Text2ImagePipeline | None = None
-) -> Path:
-    """Draw each demo prompt ``per_prompt`` times (colours down, shapes and seeds across), as
-    :func:`guided_sampling` says."""
+def sample_grid(pipe: Text2ImagePipeline, path: Path, per_prompt: int, seed: int) -> Path:
+    """Draw each demo prompt ``per_prompt`` times (colours down, shapes and seeds across), with the model's own
+    guidance and guide."""
     prompts = demo_prompts()
     images = pipe(
         prompts,
@@ -256,7 +244,6 @@ def sample_grid(
         num_images_per_prompt=per_prompt,
         generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per_prompt)],
         output_type="pt",
-        **guided_sampling(guide),
     ).images
     save_image(make_grid(images, nrow=len(GRID_SHAPES) * per_prompt), path, scale=4)
     return path
@@ -309,8 +296,9 @@ def write_report(
     if scores:
         names = [name for name in scores if name != "overall"]
         lines += [
-            f"ShapesEval of the model ({EVAL_SAMPLES} samples per prompt, 25 steps, guidance {GUIDANCE:g} and "
-            f"autoguidance {GUIDE_SCALE:g} by its export at {GUIDE_SHARE:.0%} of the run (`{out / 't2i' / 'guide'}`); "
+            f"ShapesEval of the model ({EVAL_SAMPLES} samples per prompt, 25 steps, guidance {GUIDE_GUIDANCE:g} and "
+            f"autoguidance {GUIDE_SCALE:g} by its export at {GUIDE_SHARE:.0%} of the run (`{out / 't2i' / 'guide'}`, "
+            "which the model carries); "
             f"held out of training: {', '.join(DEMO_HOLDOUT)}; `{out / 't2i' / 'eval' / 'shapes_eval.json'}`):",
             "",
             "| " + " | ".join(names) + " | overall |",
@@ -332,8 +320,9 @@ def write_report(
         "Reproduce or go further:",
         "",
         "```",
-        f"cyclediffusion sample --model {out / 't2i'} --guide-model {out / 't2i' / 'guide'} --guidance {GUIDANCE:g} "
-        f"--prompt 'a red circle' --num-images 4 --out red.png",
+        f"cyclediffusion sample --model {out / 't2i'} --prompt 'a red circle' --num-images 4 --out red.png",
+        f"cyclediffusion sample --model {out / 't2i'} --guide-scale 0 --prompt 'a red circle' "
+        "--out plain.png   # without autoguidance",
         f"tensorboard --logdir {out}",
         "```",
     ]

@@ -401,8 +401,8 @@ def evaluate_pipeline(
 ) -> EvalReport:
     """:func:`evaluate` a :class:`~cyclediffusion.Text2ImagePipeline` (image ``i`` seeded ``seed + i``)
     on ``suite`` (default :func:`build_suite`), sampling with ``sampler`` (default: the noise process's own),
-    DDIM stochasticity ``eta`` (default 0: deterministic) and, with a ``guide`` pipeline, autoguidance of weight
-    ``guide_scale`` (default: the pipeline's)."""
+    DDIM stochasticity ``eta`` (default 0: deterministic) and autoguidance by ``guide`` (default: the pipeline's own
+    guide, if it has one) of weight ``guide_scale`` (default: the pipeline's; 0: none)."""
     import torch
 
     def generate_fn(prompts: list[str], seed_offset: int) -> list[Image.Image]:
@@ -414,8 +414,8 @@ def evaluate_pipeline(
             kwargs["eta"] = eta
         if guide is not None:
             kwargs["guide"] = guide
-            if guide_scale is not None:
-                kwargs["guide_scale"] = guide_scale
+        if guide_scale is not None:
+            kwargs["guide_scale"] = guide_scale
         return pipe(prompts, generator=generators, output_type="pil", **kwargs).images
 
     return evaluate(generate_fn, build_suite() if suite is None else suite, samples_per_prompt, batch_size, progress)

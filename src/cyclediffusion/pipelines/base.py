@@ -186,10 +186,20 @@ class DiffusionPipeline:
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``model_index.json`` (with the default guidance, and steps when the model has its own) and one
         folder per component (config.json + model.safetensors)."""
-        defaults: dict[str, Any] = {GUIDANCE_KEY: self.guidance_scale}
+        save_components(directory, type(self).__name__, self.components, self.index_settings())
+
+    def index_settings(self) -> dict[str, Any]:
+        """The ``_``-prefixed defaults :meth:`save_pretrained` writes into ``model_index.json``."""
+        settings: dict[str, Any] = {GUIDANCE_KEY: self.guidance_scale}
         if self.num_inference_steps is not None:
-            defaults[STEPS_KEY] = self.num_inference_steps
-        save_components(directory, type(self).__name__, self.components, defaults)
+            settings[STEPS_KEY] = self.num_inference_steps
+        return settings
+
+    @classmethod
+    def index_defaults(cls, index: dict[str, Any], directory: Path, device: str | torch.device | None) -> dict:
+        """The constructor's keyword arguments that :meth:`from_pretrained` reads from ``model_index.json`` (and
+        from sub-folders of ``directory`` other than the components)."""
+        return {"guidance_scale": index.get(GUIDANCE_KEY), "num_inference_steps": index.get(STEPS_KEY)}
 
     @classmethod
     def from_pretrained(cls: type[P], directory: str | Path, device: str | torch.device | None = None) -> P:
@@ -199,8 +209,7 @@ class DiffusionPipeline:
         missing = [n for n in cls.component_names if n not in components]
         if missing:
             raise ValueError(f"{directory} lacks component(s) {', '.join(missing)} needed by {cls.__name__}")
-        index = read_json(directory / INDEX_NAME)
-        defaults = {"guidance_scale": index.get(GUIDANCE_KEY), "num_inference_steps": index.get(STEPS_KEY)}
+        defaults = cls.index_defaults(read_json(directory / INDEX_NAME), directory, device)
         return cls(**{n: components[n] for n in cls.component_names}, **defaults).eval()
 
     # ----------------------------------------------------------------- text

@@ -106,7 +106,7 @@ class RunOptions:
     export_every: int = option(0, "export the model every N steps (always at the end)")
     export_guide: float | None = option(
         None, "also export the model once this share of the run is done, to OUT/guide: a weaker copy of the final "
-        "model for autoguidance (sample/eval --guide-model; 0.5 is usual)",
+        "model for autoguidance, which the exported model then carries (sample/eval use it; 0.5 is usual)",
     )  # fmt: skip
     sample_every: int = option(0, "sample grid of fixed prompts every N steps")
     resume: bool = option(True, "continue from OUT/checkpoints/last.ckpt when it exists (--no-resume: start afresh)")

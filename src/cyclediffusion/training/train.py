@@ -15,6 +15,7 @@ held-out share of the images, writes its scores to ``OUT/eval.json``. The networ
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -34,7 +35,8 @@ from ..models.vae import measure_latent_scaling
 from ..options import to_plain
 from ..pipelines import Text2ImagePipeline
 from ..pipelines.caption import CaptionPipeline
-from ..pipelines.storage import find_pipeline, resolve_model_dir
+from ..pipelines.storage import INDEX_NAME, find_pipeline, resolve_model_dir
+from ..pipelines.text2image import GUIDE_FOLDER
 from ..precision import choose_precision
 from ..recipes import build_captioner, build_vae
 from .callbacks import (
@@ -222,9 +224,13 @@ def optim_config(run: RunOptions, steps: int | None) -> OptimConfig:
     )
 
 
-def save_pipeline(module: DiffusionModule | CaptionerModule, path: Path) -> None:
-    """Export a module's inference pipeline (the EMA weights when the callback hands those in)."""
-    module.to_pipeline().save_pretrained(path)
+def save_pipeline(module: DiffusionModule | CaptionerModule, path: Path, guide: Path | None = None) -> None:
+    """Export a module's inference pipeline (the EMA weights when the callback hands those in); with ``guide``, a
+    folder that holds a saved text-to-image pipeline by now, that model goes with it as its autoguidance model."""
+    pipe = module.to_pipeline()
+    if guide is not None and (guide / INDEX_NAME).is_file():
+        pipe.guide = pipe.check_guide(Text2ImagePipeline.from_pretrained(guide))
+    pipe.save_pretrained(path)
 
 
 # --------------------------------------------------------------------------- VAE
@@ -307,14 +313,17 @@ def train_text2image(
         train_text_encoder=model.train_text_encoder,
         self_condition=model.self_condition,
     )
-    own: list[L.Callback] = [Export(out / "model", save, run.export_every)]
+    final = save
+    if run.export_guide and save is save_pipeline:  # the model, once its guide is written, carries it
+        final = functools.partial(save_pipeline, guide=out / GUIDE_FOLDER)
+    own: list[L.Callback] = [Export(out / "model", final, run.export_every)]
     if run.export_guide:
-        own.append(ExportAt(out / "guide", save, run.export_guide))
+        own.append(ExportAt(out / GUIDE_FOLDER, save, run.export_guide))
     if run.sample_every:
         own.append(SampleGrid(model.sample_prompts, out / "samples", run.sample_every, seed=run.seed))
     trainer = fit(module, dataset, run, steps, data.num_workers, [*own, *callbacks])
     if trainer.is_global_zero:
-        export_atomically(save, module, out / "model")
+        export_atomically(final, module, out / "model")
     return out / "model"
 
 

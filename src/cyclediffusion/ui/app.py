@@ -68,12 +68,15 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
     limits = studio.limits
     model_name = str(studio.model_dir.parent if studio.model_dir else "MODEL")
     width, height = studio.image_size
+    guided = studio.pipe.guide  # a model that carries its autoguidance model: Generate offers its weight
 
     @page_errors
-    def generate(prompt, negative, steps, guidance, sampler, seed, count, progress=gr.Progress()):  # noqa: B008
-        out = studio.generate(prompt, negative, steps, guidance, sampler, seed, count, reporter(progress))
+    def generate(prompt, negative, steps, guidance, sampler, seed, count, guide_scale=None,
+                 progress=gr.Progress()):  # noqa: B008  # fmt: skip
+        out = studio.generate(prompt, negative, steps, guidance, sampler, seed, count, reporter(progress), guide_scale)
         command = ["cyclediffusion", "sample", "--model", model_name, "--prompt", prompt.strip(), "--steps", steps]
         command += [] if guidance in (None, "") else ["--guidance", guidance]
+        command += [] if guide_scale in (None, "") or guided is None else ["--guide-scale", guide_scale]
         command += ["--sampler", sampler, "--seed", out.seeds[0], "--num-images", len(out.seeds)]
         gallery = [(image, f"seed {seed}") for image, seed in zip(out.images, out.seeds)]
         again = shlex.join(str(c) for c in command)
@@ -115,8 +118,8 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
         return gr.Image(label=label, type="pil", format="png", interactive=False, height=300,
                         elem_classes=["pixels"], **kwargs)  # fmt: skip
 
-    def guidance_box() -> gr.Number:
-        return gr.Number(value=studio.pipe.guidance_scale, label="guidance", minimum=0)
+    def guidance_box(value: float = studio.pipe.guidance_scale) -> gr.Number:
+        return gr.Number(value=value, label="guidance", minimum=0)
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nModel `{model_name}`, images of {width}x{height} pixels.")
@@ -127,7 +130,10 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                     negative = gr.Textbox(label="negative prompt")
                     with gr.Row():
                         steps = steps_slider(studio.pipe.default_steps)
-                        guidance = guidance_box()
+                        guidance = guidance_box(studio.pipe.guidance_scale if guided is None
+                                                else studio.pipe.guide_guidance_scale)  # fmt: skip
+                        guide_scale = gr.Number(value=studio.pipe.guide_scale, minimum=0, visible=guided is not None,
+                                                label="guide scale (autoguidance; 0: off)")  # fmt: skip
                     with gr.Row():
                         sampler = gr.Dropdown(list(studio.samplers), value=studio.samplers[0], label="sampler")
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
@@ -137,8 +143,8 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                 with gr.Column():
                     gallery = gr.Gallery(label="images", columns=4, format="png", elem_id="gen-gallery")
                     again = gr.Markdown()
-            button.click(generate, [prompt, negative, steps, guidance, sampler, seed, count], [gallery, again],
-                         api_name="generate")  # fmt: skip
+            button.click(generate, [prompt, negative, steps, guidance, sampler, seed, count, guide_scale],
+                         [gallery, again], api_name="generate")  # fmt: skip
 
         with gr.Tab("Edit"):
             with gr.Row():

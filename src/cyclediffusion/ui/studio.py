@@ -94,8 +94,10 @@ class Studio:
         seed: Any = 0,
         num_images: Any = 1,
         progress: Progress | None = None,
+        guide_scale: Any = None,
     ) -> Generated:
-        """``num_images`` images of ``prompt``; image ``i`` uses seed ``seed + i``, as ``cyclediffusion sample``."""
+        """``num_images`` images of ``prompt``; image ``i`` uses seed ``seed + i``, as ``cyclediffusion sample``. A
+        model that carries an autoguidance model uses it, with weight ``guide_scale`` (default: the model's; 0: off)."""
         tokenizer = self.pipe.tokenizer
         prompt = check_prompt(tokenizer, prompt)
         negative = check_prompt(tokenizer, negative_prompt, "negative prompt", required=False) or None
@@ -112,6 +114,7 @@ class Studio:
             generator=[torch.Generator().manual_seed(s) for s in seeds],
             sampler=sampler,
             callback=step_counter(progress, steps),
+            guide_scale=None if guide_scale in (None, "") else check_number("guide scale", guide_scale, 0.0),
         ).images
         return Generated(images, seeds)
 
@@ -272,6 +275,9 @@ def model_card(pipe: Text2ImagePipeline, model_dir: Path | None) -> str:
              if isinstance(m, torch.nn.Module)}  # fmt: skip
     lines.append("- parameters: " + ", ".join(f"{name} {count / 1e6:.2f} M" for name, count in sizes.items()))
     lines.append(f"- noise process: {type(pipe.noise_process).__name__}; default guidance {pipe.guidance_scale:g}")
+    if pipe.guide is not None:
+        lines.append(f"- autoguidance by its own weaker copy (`guide/`): guide scale {pipe.guide_scale:g} with "
+                     f"guidance {pipe.guide_guidance_scale:g}; guide scale 0 samples without it")  # fmt: skip
     run = model_dir.parent if model_dir else None
     options = run / "options.yaml" if run else None
     if options and options.is_file():
