@@ -32,6 +32,13 @@ def test_negative_captions_are_false_of_the_same_picture():
     )
     assert negative_caption("two red squares") == "two green squares"
     assert negative_caption("a photo of a cat") is None
+    assert negative_caption("a green triangle above a red square", "relation") == "a green triangle below a red square"
+    flipped = negative_caption("a red circle to the left of a blue square", "relation")
+    assert flipped == "a red circle to the right of a blue square"
+    assert negative_caption(flipped, "relation") == "a red circle to the left of a blue square"
+    assert negative_caption("a red circle and a blue square", "relation") is None  # no relation to flip
+    with pytest.raises(ValueError, match="swap"):
+        negative_caption("a blue circle", "size")
     assert {"red", "circles", "above", "left", "three"} <= binding_words() and "a" not in binding_words()
 
 
@@ -52,23 +59,32 @@ def test_word_weights_weigh_the_binding_tokens():
     assert not torch.allclose(pipe.loss(pixels, ["a red square"] * 2, "none", (binding_words(), 5.0)), plain)
 
 
-@pytest.mark.parametrize("objective", ["weighted", "contrastive"])
+@pytest.mark.parametrize("objective", ["weighted", "contrastive", "contrastive+relation"])
 def test_objectives_against_plain_cross_entropy(one_thread, objective):
-    module = build("unet", "flow", "pixels", fraction=1.0, objective=objective, word_weight=1.0)
+    objective, _, relation = objective.partition("+")
+    negatives = "colours+relation" if relation else "colours"
+    module = build("unet", "flow", "pixels", fraction=1.0, objective=objective, word_weight=1.0, negatives=negatives)
     reader = captioner_pipeline(CAPTIONS + SHAPES_CAPTIONS)
     module.cycle.captioner = reader
     pixels = torch.rand(4, 3, 16, 16) * 2 - 1
     texts = [*SHAPES_CAPTIONS, "a photo"]
     nll = reader.loss(pixels, texts, reduction="none")
     got = module.cycle.objective(pixels, texts)
+    softplus = torch.nn.functional.softplus
     if objective == "weighted":  # weight 1 is plain cross-entropy
         torch.testing.assert_close(got, nll)
     else:
-        negative = reader.loss(pixels[:3], [negative_caption(t) for t in SHAPES_CAPTIONS], reduction="none")
-        torch.testing.assert_close(got[:3], nll[:3] + torch.nn.functional.softplus(nll[:3] - negative))
+        swapped = reader.loss(pixels[:3], [negative_caption(t) for t in SHAPES_CAPTIONS], reduction="none")
+        expected = nll[:3] + softplus(nll[:3] - swapped)
+        if relation:  # one more margin, on the relation caption only (row 1: "above" against "below")
+            flipped = reader.loss(pixels[1:2], [negative_caption(SHAPES_CAPTIONS[1], "relation")], "none")
+            expected[1] += softplus(nll[1] - flipped)[0]
+        torch.testing.assert_close(got[:3], expected)
         torch.testing.assert_close(got[3], nll[3])  # outside the grammar: plain cross-entropy
     with pytest.raises(ValueError, match="objective"):
         CycleConfig(objective="rl")
+    with pytest.raises(ValueError, match="negatives"):
+        CycleConfig(negatives="sizes")
 
 
 def test_the_term_waits_for_its_start_and_last_k_can_be_guided(one_thread):

@@ -253,13 +253,28 @@ def binding_words() -> frozenset[str]:
     return frozenset({*COLOURS, *SHAPES, *map(_plural, SHAPES), *NUMBERS, *relation_words})
 
 
-def negative_caption(text: str) -> str | None:
-    """A caption of the same form that the picture of ``text`` makes false: two objects with their colours
-    swapped, one object (or a count) in the next colour of the vocabulary; None outside the shapes grammar."""
+OPPOSITE_RELATION: dict[str, str] = {
+    "above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of",
+}  # fmt: skip
+NEGATIVE_SWAPS: tuple[str, ...] = ("colours", "relation")
+
+
+def negative_caption(text: str, swap: str = "colours") -> str | None:
+    """A caption of the same form that the picture of ``text`` makes false; None outside the shapes grammar.
+
+    ``swap="colours"``: two objects with their colours swapped, one object (or a count) in the next colour of
+    the vocabulary. ``swap="relation"``: a relation caption with the opposite relation (None for other kinds).
+    """
+    if swap not in NEGATIVE_SWAPS:
+        raise ValueError(f"unknown negative swap {swap!r}; choose from {', '.join(NEGATIVE_SWAPS)}")
     try:
         prompt = parse_caption(text)
     except ValueError:
         return None
+    if swap == "relation":
+        if prompt.kind != "relation":
+            return None
+        return caption_for(replace(prompt, relation=OPPOSITE_RELATION[prompt.relation]))
     if prompt.kind in ("pair", "relation"):
         return caption_for(replace(prompt, colours=prompt.colours[::-1]))
     names = list(COLOURS)

@@ -79,21 +79,25 @@ class CycleLoss:
 
     def objective(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """The (B,) per-caption term: the captioner's cross-entropy (``ce``), the same with the binding words
-        weighted (``weighted``), or cross-entropy plus ``softplus(nll(true) - nll(negative))`` where the
-        negative caption swaps the colours (``contrastive``; rows outside the shapes grammar keep plain CE)."""
+        weighted (``weighted``), or cross-entropy plus ``softplus(nll(true) - nll(negative))`` for each negative
+        caption: the colours swapped, and with ``negatives="colours+relation"`` a relation caption's opposite
+        relation (``contrastive``; rows outside the shapes grammar keep plain CE)."""
         kind = self.config.objective
         if kind == "weighted":
             return self.captioner.loss(pixels, texts, reduction="none", word_weights=(BINDING, self.config.word_weight))
         nll = self.captioner.loss(pixels, texts, reduction="none")
         if kind == "ce":
             return nll
-        negatives = [negative_caption(text) for text in texts]
-        rows = [i for i, n in enumerate(negatives) if n is not None]
-        if not rows:
-            return nll
-        index = torch.tensor(rows, device=pixels.device)
-        negative_nll = self.captioner.loss(pixels[index], [negatives[i] for i in rows], reduction="none")
-        return nll.index_add(0, index, F.softplus(nll[index] - negative_nll))
+        total = nll
+        for swap in self.config.negatives.split("+"):
+            negatives = [negative_caption(text, swap) for text in texts]
+            rows = [i for i, n in enumerate(negatives) if n is not None]
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=pixels.device)
+            negative_nll = self.captioner.loss(pixels[index], [negatives[i] for i in rows], reduction="none")
+            total = total.index_add(0, index, F.softplus(nll[index] - negative_nll))
+        return total
 
     def draw_last_k(self, module: Any, noise: torch.Tensor, text: TextEncoderOutput) -> torch.Tensor:
         """Sample from ``noise`` under ``text``: the term's sampler steps, gradient through the last ``k``; with

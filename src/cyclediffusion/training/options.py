@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "cosine", "wsd")  # OptimConfig's
 
 CYCLE_MODES = ("x0", "last-k", "grpo")
 CYCLE_OBJECTIVES = ("ce", "weighted", "contrastive")
+CYCLE_NEGATIVES = ("colours", "colours+relation")
 
 
 def positive_int(text: str) -> int:
@@ -172,6 +173,10 @@ class CycleConfig:
         "contrastive: cross-entropy plus a margin over the caption with its colours swapped", choices=CYCLE_OBJECTIVES,
     )  # fmt: skip
     word_weight: float = option(3.0, "weighted: weight of the colour, shape, number and relation words")
+    negatives: str = option(
+        "colours", "contrastive: the negative captions: the colours swapped, or for relation captions also the "
+        "opposite relation (one margin each)", choices=CYCLE_NEGATIVES,
+    )  # fmt: skip
     start: float = option(0.0, "share of the run (steps or minutes) before the term starts")
 
     def __post_init__(self) -> None:
@@ -187,6 +192,8 @@ class CycleConfig:
             raise ValueError(f"the cycle t_max must be positive, got {self.t_max}")
         if self.objective not in CYCLE_OBJECTIVES:
             raise ValueError(f"unknown cycle objective {self.objective!r}; choose from {', '.join(CYCLE_OBJECTIVES)}")
+        if self.negatives not in CYCLE_NEGATIVES:
+            raise ValueError(f"unknown cycle negatives {self.negatives!r}; choose from {', '.join(CYCLE_NEGATIVES)}")
         if not 0 <= self.start < 1:
             raise ValueError(f"the cycle start is a share of the run in [0, 1), got {self.start}")
         if self.word_weight <= 0:
