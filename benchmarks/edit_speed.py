@@ -2,12 +2,15 @@
 
     python benchmarks/edit_speed.py            # tiny Stable Diffusion components, 64 and 128 px, 50 steps
     python benchmarks/edit_speed.py --quick    # 32 px, 4 steps, one repeat: seconds
+    python benchmarks/edit_speed.py --compile  # also ours with the denoiser compiled (pipe.compile())
 
 Both pipelines get the same tiny diffusers / transformers components (``tiny_sd.py``), image, prompts and seeds:
 strength 0.8, guidance 7.5, source guidance 1, eta 0.1, fp32. With source guidance 1 ours skips the source
 chain's unconditional pass (3 U-Net rows per step instead of diffusers' 4); the outputs agree to 1e-4 (the tests).
 On a GPU, and on a CPU with native bf16 (AVX512_BF16 or AMX), a bf16-autocast column of ours is added, with its
-speed-up against diffusers' fp32. Each figure is the median of ``--repeats`` calls after a warm-up.
+speed-up against diffusers' fp32. ``--compile`` adds ours with ``torch.compile`` of the denoiser (fp32, and bf16
+where that column runs); its warm-up call compiles, and the seconds that took are printed beside it. Each figure is
+the median of ``--repeats`` calls after a warm-up.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time ours with the denoiser compiled")
     args = parser.parse_args(argv)
     sizes = [32] if args.quick else [int(s) for s in args.sizes.split(",")]
     steps, repeats = (4, 1) if args.quick else (args.steps, args.repeats)
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     theirs.set_progress_bar_config(disable=True)
     ours = CycleDiffusionPipeline.from_diffusers(**components)
+    compiled = CycleDiffusionPipeline.from_diffusers(**components).compile() if args.compile else None
+    assert compiled is None or compiled.denoiser is not ours.denoiser  # the eager column stays eager
     kwargs = dict(strength=0.8, num_inference_steps=steps, guidance_scale=7.5, source_guidance_scale=1.0, eta=0.1)
 
     print(machine_line(args.device))
@@ -95,6 +101,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t_theirs = seconds(run(theirs), repeats, args.device)
         t_ours = seconds(run(ours), repeats, args.device)
         t_bf16 = seconds(run(ours, autocast=True), repeats, args.device) if bf16 else None
+        if compiled is not None:
+            start = time.perf_counter()
+            run(compiled)()  # compiles at this size
+            compile_s = time.perf_counter() - start
+            t_compiled = seconds(run(compiled), repeats, args.device)
+            t_compiled_bf16 = seconds(run(compiled, autocast=True), repeats, args.device) if bf16 else None
         row = {
             "size": size,
             "diffusers_s": t_theirs,
@@ -105,6 +117,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         tail = f"{t_bf16:12.3f} {t_theirs / t_bf16:13.2f}x" if t_bf16 is not None else f"{'-':>12} {'-':>14}"
         print(f"{size:>5} {t_theirs:12.3f} {t_ours:8.3f} {t_theirs / t_ours:8.2f}x {tail}")
+        if compiled is not None:
+            row.update(compile_s=compile_s, ours_compiled_s=t_compiled, ours_compiled_bf16_s=t_compiled_bf16)
+            line = f"      compiled (first call {compile_s:.0f} s): {t_compiled:.3f} s, {t_theirs / t_compiled:.2f}x"
+            if t_compiled_bf16 is not None:
+                line += f"; bf16 {t_compiled_bf16:.3f} s, {t_theirs / t_compiled_bf16:.2f}x"
+            print(line)
     return rows
 
 

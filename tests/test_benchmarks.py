@@ -107,6 +107,15 @@ def test_edit_speed_quick(capsys, one_thread):
     assert "speed-up" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_edit_speed_compiled_column(capsys, one_thread):
+    """``--compile`` times a second, compiled pipeline beside the eager one (tens of seconds of compiling)."""
+    pytest.importorskip("diffusers")
+    rows = load("edit_speed").main(["--quick", "--device", "cpu", "--compile"])
+    assert rows[0]["ours_compiled_s"] > 0 and rows[0]["compile_s"] > 0
+    assert "compiled (first call" in capsys.readouterr().out
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_composition_ablation_quick(capsys, tmp_path):
     results = load("composition_ablation").main(
