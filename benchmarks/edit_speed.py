@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with warnings.catch_warnings(), torch.autocast(args.device, torch.bfloat16, enabled=autocast):
                     warnings.simplefilter("ignore")
                     generator = torch.Generator().manual_seed(0)
-                    pipe(
+                    return pipe(
                         prompt="a red circle",
                         source_prompt="a blue circle",
                         image=image,
                         generator=generator,
                         output_type="np",
                         **kwargs,
-                    )
+                    ).images
 
             return call
 
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t_bf16 = seconds(run(ours, autocast=True), repeats, args.device) if bf16 else None
         if compiled is not None:
             start = time.perf_counter()
-            run(compiled)()  # compiles at this size
+            compiled_images = run(compiled)()  # compiles at this size
             compile_s = time.perf_counter() - start
+            max_diff = float(np.abs(np.asarray(compiled_images) - np.asarray(run(ours)())).max())
             t_compiled = seconds(run(compiled), repeats, args.device)
             t_compiled_bf16 = seconds(run(compiled, autocast=True), repeats, args.device) if bf16 else None
         row = {
@@ -118,8 +119,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tail = f"{t_bf16:12.3f} {t_theirs / t_bf16:13.2f}x" if t_bf16 is not None else f"{'-':>12} {'-':>14}"
         print(f"{size:>5} {t_theirs:12.3f} {t_ours:8.3f} {t_theirs / t_ours:8.2f}x {tail}")
         if compiled is not None:
-            row.update(compile_s=compile_s, ours_compiled_s=t_compiled, ours_compiled_bf16_s=t_compiled_bf16)
-            line = f"      compiled (first call {compile_s:.0f} s): {t_compiled:.3f} s, {t_theirs / t_compiled:.2f}x"
+            row.update(compile_s=compile_s, compiled_max_diff=max_diff, ours_compiled_s=t_compiled,
+                       ours_compiled_bf16_s=t_compiled_bf16)  # fmt: skip
+            line = (f"      compiled (first call {compile_s:.0f} s, output within {max_diff:.1e} of eager): "
+                    f"{t_compiled:.3f} s, {t_theirs / t_compiled:.2f}x")  # fmt: skip
             if t_compiled_bf16 is not None:
                 line += f"; bf16 {t_compiled_bf16:.3f} s, {t_theirs / t_compiled_bf16:.2f}x"
             print(line)

@@ -113,6 +113,7 @@ def test_edit_speed_compiled_column(capsys, one_thread):
     pytest.importorskip("diffusers")
     rows = load("edit_speed").main(["--quick", "--device", "cpu", "--compile"])
     assert rows[0]["ours_compiled_s"] > 0 and rows[0]["compile_s"] > 0
+    assert rows[0]["compiled_max_diff"] < 1e-4  # the compiled pipeline edits as the eager one does
     assert "compiled (first call" in capsys.readouterr().out
 
 
