@@ -31,7 +31,7 @@ import lightning as L
 from common import machine_line, training_device, versions_line
 from lightning.pytorch.callbacks import Timer
 
-from cyclediffusion.data.shapes import write_imagefolder
+from cyclediffusion.data.shapes import world_holdout, write_imagefolder
 from cyclediffusion.demo import BACKBONE, DEMO_WORLD, IMAGE_SIZE, MASK_PADDING, MODEL_SIZE, demo_model
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
@@ -67,11 +67,14 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_pairs": ({**DIT, "mask_padding": True}, PAIRS, {}),
     "dit_count4": ({**DIT, "mask_padding": True}, {"max_count": 4}, {}),
     "dit_b32": ({**DIT, "mask_padding": True}, {}, {"batch_size": 32}),
+    "dit_b128": ({**DIT, "mask_padding": True}, {}, {"batch_size": 128}),
     "dit_wsd": ({**DIT, "mask_padding": True}, {}, {"lr_schedule": "wsd"}),
     "dit_refiner": ({**DIT, "mask_padding": True, "text_refiner_layers": 1}, {}, {}),
     "dit_wide": ({**DIT, "mask_padding": True, "dit_hidden_size": 192}, {}, {}),
     "dit_deep": ({**DIT, "mask_padding": True, "dit_depth": 6}, {}, {}),
     "dit_lr2": ({**DIT, "mask_padding": True}, {}, {"lr": 2e-3}),
+    "dit_muon": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon"}),
+    "dit_muon2": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr": 2e-3}),
     "dit_nopool": ({**DIT, "mask_padding": True, "pooled_text": False}, {}, {}),
     "dit_pixel": ({**DIT, "mask_padding": True, "vae": None, "dit_patch_size": 4}, {}, {}),  # no VAE, 4x4 patches
     "dit_pixel_noisy": ({**DIT, "mask_padding": True, "vae": None, "dit_patch_size": 4, "logit_mean": 1.0}, {}, {}),
@@ -149,8 +152,7 @@ def variant_model(name: str, demo: Path, quick: bool = False, captioner: str | N
 
 def demo_holdout(demo: Path) -> tuple[str, ...]:
     """The colour-shape pairs the demo's data never draws (its ``world.json``): ShapesEval's held-out category."""
-    stamp = demo / "data" / "world.json"
-    return tuple(json.loads(stamp.read_text()).get("holdout", ())) if stamp.is_file() else ()
+    return world_holdout(demo / "data") or ()
 
 
 def quick_demo(folder: Path) -> Path:

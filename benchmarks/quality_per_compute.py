@@ -15,7 +15,6 @@ guidance 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from common import machine_line, training_device, versions_line
 
-from cyclediffusion.data.shapes import write_imagefolder
+from cyclediffusion.data.shapes import ensure_imagefolder
 from cyclediffusion.demo import BACKBONE, DEMO_WORLD, IMAGE_SIZE, demo_model
 from cyclediffusion.eval import CATEGORIES, build_suite, evaluate_pipeline
 from cyclediffusion.pipelines import Text2ImagePipeline
@@ -46,12 +45,7 @@ def quiet() -> None:
 
 def make_data(folder: Path, n: int, seed: int) -> Path:
     """The demo's shapes world, written once (kept when ``world.json`` says it is the same)."""
-    world = json.loads(json.dumps({"n": n, "seed": seed, **dataclasses.asdict(DEMO_WORLD)}))
-    stamp = folder / "world.json"
-    if not (folder / "metadata.jsonl").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != world:
-        stamp.unlink(missing_ok=True)
-        write_imagefolder(folder, n, DEMO_WORLD, seed=seed, num_workers=2, overwrite=True)
-        stamp.write_text(json.dumps(world))
+    ensure_imagefolder(folder, n, DEMO_WORLD, seed=seed, num_workers=2)
     return folder
 
 

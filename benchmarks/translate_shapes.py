@@ -30,7 +30,6 @@ CycleDiffusion at each strength with ``empty`` prompts, then with ``caption`` pr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shutil
@@ -42,7 +41,7 @@ import torch
 from common import machine_line, versions_line
 
 from cyclediffusion import CycleDiffusionPipeline, translate
-from cyclediffusion.data.shapes import ShapesConfig, render, sample_scene, scene_rng, write_imagefolder
+from cyclediffusion.data.shapes import ShapesConfig, ensure_imagefolder, render, sample_scene, scene_rng
 from cyclediffusion.demo import DEMO_WORLD
 from cyclediffusion.eval import detect_objects
 from cyclediffusion.images import make_grid, save_image
@@ -78,12 +77,7 @@ def world(shapes: tuple[str, ...], colours: tuple[str, ...] | None = None) -> Sh
 
 def make_data(folder: Path, n: int, config: ShapesConfig, seed: int) -> Path:
     """Write ``n`` scenes of ``config`` once (kept when ``world.json`` says they are the same)."""
-    stamp_value = json.loads(json.dumps({"n": n, "seed": seed, **dataclasses.asdict(config)}))
-    stamp = folder / "world.json"
-    if not (folder / "metadata.jsonl").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != stamp_value:
-        stamp.unlink(missing_ok=True)
-        write_imagefolder(folder, n, config, seed=seed, num_workers=2 if n >= 2000 else 1, overwrite=True)
-        stamp.write_text(json.dumps(stamp_value))
+    ensure_imagefolder(folder, n, config, seed=seed, num_workers=2 if n >= 2000 else 1)
     return folder
 
 

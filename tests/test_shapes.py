@@ -29,7 +29,8 @@ from cyclediffusion.data import (
     scene_rng,
     write_imagefolder,
 )
-from cyclediffusion.data.shapes import GAP, MARGIN
+from cyclediffusion.data.shapes import GAP, MARGIN, ensure_imagefolder, world_holdout
+from cyclediffusion.eval import build_suite, training_holdout
 
 CONFIG = ShapesConfig()
 COLOUR_TOL = 50.0  # a pixel "is" a colour when within this RGB distance (about 2/3 covered or more)
@@ -288,6 +289,32 @@ def test_write_imagefolder(tmp_path):
     write_imagefolder(out, 10, CONFIG, seed=5, overwrite=True)
     assert len(list(out.glob("*.png"))) == 10
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 10
+
+
+def test_the_folder_records_its_world_and_eval_defaults_to_its_held_out_pairs(tmp_path):
+    config = replace(CONFIG, holdout=("purple triangle",))
+    data = tmp_path / "shapes"
+    assert ensure_imagefolder(data, 12, config, seed=3)  # written
+    assert world_holdout(data) == ("purple triangle",)
+    stamp = json.loads((data / "world.json").read_text())
+    assert (stamp["n"], stamp["seed"], stamp["holdout"]) == (12, 3, ["purple triangle"])
+    first = (data / "metadata.jsonl").read_text()
+    assert not ensure_imagefolder(data, 12, config, seed=3)  # the same world: kept
+    assert ensure_imagefolder(data, 12, config, seed=4)  # another seed: rewritten
+    assert (data / "metadata.jsonl").read_text() != first and json.loads((data / "world.json").read_text())["seed"] == 4
+    assert world_holdout(tmp_path) is None  # a folder without a world.json
+    # a run trained on it: eval builds its held-out category from the run's options.yaml -> data -> world.json
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "options.yaml").write_text(f"data:\n  data: {data}\n  image_size: 32\n")
+    assert training_holdout(run / "model") == ("purple triangle",)
+    (run / "options.yaml").write_text("data:\n  data: elsewhere\n")
+    assert training_holdout(run / "model") == ()
+    assert training_holdout(tmp_path / "loose" / "model") == ()
+    suite = build_suite(per_kind=2, held_out=training_holdout(run / "model") or ("purple triangle",))
+    assert {e.text for e in suite if e.category == "held_out"} and not any(
+        "purple triangle" in e.text for e in suite if e.category != "held_out"
+    )
 
 
 def test_write_imagefolder_workers_and_speed(tmp_path):

@@ -348,6 +348,7 @@ def test_cli_train_then_sample_writes_png(tmp_path, monkeypatch):
         (["train", "--data", "d", "--out", "r"], "--steps, --epochs or --minutes"),
         (["train", "--data", "d", "--out", "r", "--steps", "0"], "positive integer"),
         (["train", "--data", "d", "--out", "r", "--steps", "1", "--backbone", "rnn"], "invalid choice"),
+        (["train", "--data", "d", "--out", "r", "--steps", "1", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (["train", "--data", "d", "--out", "r", "--steps", "1", "--snr-gamma", "-1"], "must be non-negative"),
         (["frobnicate"], "invalid choice"),
     ],

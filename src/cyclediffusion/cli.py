@@ -258,13 +258,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from .eval import build_suite, evaluate_pipeline
+    from .eval import build_suite, evaluate_pipeline, training_holdout
     from .pipelines import Text2ImagePipeline
     from .pipelines.storage import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     pipe = Text2ImagePipeline.from_pretrained(model_dir, device=pick_device(args.device))
-    suite = build_suite(per_kind=args.per_kind, held_out=tuple(args.held_out))
+    held_out = tuple(h for h in args.held_out if h) if args.held_out else training_holdout(model_dir)
+    if held_out and not args.held_out:
+        print(f"held out of the training data (its world.json): {', '.join(held_out)}")
+    suite = build_suite(per_kind=args.per_kind, held_out=held_out)
     steps = args.steps or pipe.num_inference_steps or EVAL_STEPS
     report = evaluate_pipeline(
         pipe,
@@ -370,7 +373,8 @@ def build_parser() -> Parser:
     flag(p, "--model", required=True, help="run folder or model folder trained on the shapes world")
     flag(p, "--samples-per-prompt", type=positive_int, default=api_default(evaluate_pipeline, "samples_per_prompt"))
     flag(p, "--per-kind", type=positive_int, default=20, help="prompts per category of the suite")
-    flag(p, "--held-out", action="append", default=[], help="colour-shape pair held out of training")
+    flag(p, "--held-out", action="append", default=[], help="colour-shape pair held out of training (default: those "
+         "of the shapes folder the run trained on, from its world.json; --held-out '' for none)")  # fmt: skip
     flag(p, "--steps", type=positive_int, default=None, help=f"sampler steps (default: the model's own, else "
          f"{EVAL_STEPS})")  # fmt: skip
     flag(p, "--sampler", choices=SAMPLER_CHOICES, default=None, help="sampler (default: the model's own)")

@@ -6,7 +6,6 @@ when present. The run folder holds the exported models, logs, the grid and ``rep
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data.shapes import ShapesConfig, write_imagefolder
+from .data.shapes import ShapesConfig, ensure_imagefolder
 from .images import make_grid, save_image
 from .pipelines import Text2ImagePipeline
 from .pipelines.text2image import GUIDE_GUIDANCE, GUIDE_SCALE
@@ -68,6 +67,10 @@ IMMISCIBLE = False
 # (README, "Self-conditioning and autoguidance"); on three models of the demo's own length, even overall (+0.002),
 # counting +0.04.
 GUIDE_SHARE = 0.5
+# Muon (orthogonalised momentum) trains the hidden layers' weight matrices of the text encoder and the DiT, AdamW the
+# rest (`--optimizer muon`). At the demo's length (6.8 minutes of training, two seeds) overall 0.92 against 0.83 with
+# AdamW alone, relations 0.99 against 0.47, binding 0.73 against 0.71 (README, "Muon").
+OPTIMIZER = "muon"
 VAE_STOP = 0.95
 VAE_MIN_SHARE = 0.22
 VAE_SHARE = 0.35
@@ -121,13 +124,8 @@ def run_demo(
         shutil.rmtree(out / stale, ignore_errors=True)
     t0 = time.perf_counter()
     data = out / "data"
-    world = json.loads(json.dumps({"n": n, "seed": seed, **dataclasses.asdict(DEMO_WORLD)}))  # JSON-normal form
-    stamp = data / "world.json"
-    if not (data / "metadata.jsonl").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != world:
-        log.info("demo: writing %d captioned shapes to %s", n, data)
-        stamp.unlink(missing_ok=True)
-        write_imagefolder(data, n, DEMO_WORLD, seed=seed, num_workers=2, overwrite=True)
-        stamp.write_text(json.dumps(world))
+    if ensure_imagefolder(data, n, DEMO_WORLD, seed=seed, num_workers=2):
+        log.info("demo: wrote %d captioned shapes to %s", n, data)
     timings["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -166,6 +164,7 @@ def run_demo(
             steps=max_steps[1],
             batch_size=64,
             lr=lr,
+            optimizer=OPTIMIZER,
             warmup=100,
             precision=precision,
             seed=seed,

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ GAP = 0.05  # least distance between two bounding boxes (along x or y)
 JITTER = 0.04  # how far an object may move from its position anchor
 RELATION_BAND = 0.12  # in a relation, the other axis stays within this of the middle
 MAX_TRIES = 500  # layouts tried before objects fall back to the smallest size
+WORLD_NAME = "world.json"  # beside metadata.jsonl: the ShapesConfig, n and seed that drew the folder
 
 
 @dataclass(frozen=True)
@@ -443,7 +444,8 @@ def write_imagefolder(
     """Write ``n`` scenes as a Hugging Face ``imagefolder``: ``00000.png ...`` and ``metadata.jsonl``.
 
     Rows of ``metadata.jsonl`` are ``{"file_name", "text", "kind", "objects"}``; the file is written under
-    a temporary name and renamed at the end, so a crash never leaves a partial one. A folder that is not
+    a temporary name and renamed at the end, so a crash never leaves a partial one. ``world.json`` records what
+    drew it (``n``, ``seed`` and the config, its held-out pairs included: :func:`world_holdout`). A folder that is not
     empty is refused unless ``overwrite``, which first deletes its ``metadata.jsonl`` and numbered PNGs.
     Returns ``out_dir``; load it with ``datasets.load_dataset("imagefolder", data_dir=out_dir)``.
     """
@@ -455,7 +457,9 @@ def write_imagefolder(
         if not overwrite:
             raise FileExistsError(f"{out_dir} is not empty (pass overwrite=True to replace a shapes dataset)")
         for old in out_dir.iterdir():
-            if old.name in ("metadata.jsonl", "metadata.jsonl.tmp") or re.fullmatch(r"\d{5,}\.png", old.name):
+            if old.name in ("metadata.jsonl", "metadata.jsonl.tmp", WORLD_NAME) or re.fullmatch(
+                r"\d{5,}\.png", old.name
+            ):
                 old.unlink()
     width = max(5, len(str(n - 1)))
     jobs = ((out_dir, f"{i:0{width}d}.png", config, seed, i) for i in range(n))
@@ -471,7 +475,31 @@ def write_imagefolder(
             for line in progress(map(_write_one, jobs), total=n, desc="shapes"):
                 f.write(line + "\n")
     os.replace(tmp, meta)
+    (out_dir / WORLD_NAME).write_text(json.dumps(world_record(n, config, seed)))
     return out_dir
+
+
+def ensure_imagefolder(out_dir: str | Path, n: int, config: ShapesConfig, seed: int = 0, num_workers: int = 1) -> bool:
+    """:func:`write_imagefolder` unless ``out_dir`` already holds exactly that world (its ``world.json``, written last,
+    says so); returns whether it wrote."""
+    stamp = Path(out_dir) / WORLD_NAME
+    written = (Path(out_dir) / "metadata.jsonl").is_file() and stamp.is_file()
+    if written and json.loads(stamp.read_text()) == world_record(n, config, seed):
+        return False
+    stamp.unlink(missing_ok=True)
+    write_imagefolder(out_dir, n, config, seed=seed, num_workers=num_workers, overwrite=True)
+    return True
+
+
+def world_record(n: int, config: ShapesConfig, seed: int) -> dict:
+    """What :func:`write_imagefolder` writes to ``world.json``, in JSON-normal form (lists, not tuples)."""
+    return json.loads(json.dumps({"n": n, "seed": seed, **asdict(config)}))
+
+
+def world_holdout(data_dir: str | Path) -> tuple[str, ...] | None:
+    """The colour-shape pairs a shapes folder never draws (its ``world.json``), or None for a folder without one."""
+    stamp = Path(data_dir) / WORLD_NAME
+    return tuple(json.loads(stamp.read_text()).get("holdout", ())) if stamp.is_file() else None
 
 
 def prompt_suite(config: ShapesConfig | None = None, per_kind: int = 50, seed: int = 0) -> list[Prompt]:

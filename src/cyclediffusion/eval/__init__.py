@@ -18,6 +18,7 @@ from .shapes_eval import (
     nearest_position,
     relation_holds,
     score,
+    training_holdout,
 )
 from .vae_eval import (
     VAEReport,
@@ -56,4 +57,5 @@ __all__ = [
     "relation_holds",
     "score",
     "ssim",
+    "training_holdout",
 ]

@@ -36,6 +36,7 @@ from ..data.shapes import (
     prompt_suite,
     render,
     sample_prompt,
+    world_holdout,
 )
 from ..progress import progress as progress_bar
 
@@ -332,6 +333,20 @@ class EvalReport:
             grid.paste(tile, (pad + (i % columns) * (cell + pad), pad + (i // columns) * (cell + pad)))
         grid.save(path, format="PNG")
         return path
+
+
+def training_holdout(model_dir: str | Path) -> tuple[str, ...]:
+    """The colour-shape pairs held out of a model's training data: ``world.json`` of the shapes folder named in the
+    run's ``options.yaml`` (beside the model folder), or none when the run, its options or that folder is not here.
+    ShapesEval's held-out category is built from them, and they stay out of the other categories."""
+    import yaml
+
+    options = Path(model_dir).parent / "options.yaml"
+    if not options.is_file():
+        return ()
+    data = (yaml.safe_load(options.read_text()) or {}).get("data") or {}
+    folder = data.get("data") if isinstance(data, dict) else None
+    return (world_holdout(folder) or ()) if isinstance(folder, str) else ()
 
 
 def ground_truth(prompts: list[str], seed_offset: int, size: int = 32, texture: float = 0.0) -> list[Image.Image]:

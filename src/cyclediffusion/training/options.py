@@ -17,6 +17,7 @@ from ..options import option
 from ..precision import PRECISIONS
 from ..recipes import DEFAULT_GUIDANCE, DEFAULT_PROMPTS, build_denoiser, build_noise_process, build_text_encoder
 from ..text import Tokenizer
+from .optimizers import OPTIMIZERS
 from .repa import REPA_ENCODERS
 
 LR_SCHEDULES = ("constant", "cosine", "wsd")  # OptimConfig's
@@ -77,7 +78,11 @@ class RunOptions:
     minutes: float | None = option(None, "wall-time budget (alone or as a cap)")
     batch_size: int = option(64, "batch size per device", parse=positive_int)
     lr: float = option(1e-3, "peak learning rate", aliases=("learning_rate",))
-    wd: float = option(0.0, "AdamW weight decay", aliases=("weight_decay",))
+    wd: float = option(0.0, "weight decay of the weight matrices", aliases=("weight_decay",))
+    optimizer: str = option(
+        "adamw", "adamw, or muon: Muon (orthogonalised momentum) for the hidden layers' weight matrices at the same "
+        "--lr, AdamW for embeddings, convolutions, norms, biases and output layers", choices=OPTIMIZERS,
+    )  # fmt: skip
     warmup: int = option(100, "linear LR warmup steps")
     lr_schedule: str = option(
         "constant",

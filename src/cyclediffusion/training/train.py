@@ -221,6 +221,7 @@ def optim_config(run: RunOptions, steps: int | None) -> OptimConfig:
         schedule=run.lr_schedule,
         total_steps=steps,
         timed=bool(run.minutes),
+        optimizer=run.optimizer,
     )
 
 
