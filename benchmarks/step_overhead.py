@@ -6,6 +6,9 @@
 Three parts of a step, each timed both ways on the same tensors (median of the repeats):
 
 - the optimiser: AdamW's default per-tensor loop on a CPU against the fused kernel that training now uses;
+- Muon (``--optimizer muon``) on the DiT's hidden matrices: ``torch.optim.Muon``, which orthogonalises one matrix
+  after another, against :class:`~cyclediffusion.training.optimizers.BatchedMuon` (same maths, one batched
+  Newton-Schulz iteration per shape);
 - the EMA update: one lerp per tensor (the old ``avg_fn``) against one fused ``_foreach_lerp_`` (``multi_avg_fn``);
 - the DiT's MLP activation: forward + backward + AdamW of the whole DiT with the tanh GELU (the DiT paper's, and the
   class default) against the exact GELU that the recipes build, under the precision ``--precision auto`` picks here.
@@ -24,6 +27,7 @@ from common import machine_line, versions_line
 from cyclediffusion.models import DiT
 from cyclediffusion.precision import choose_precision
 from cyclediffusion.recipes import build_denoiser
+from cyclediffusion.training.optimizers import BatchedMuon, muon_matrices
 
 CONTEXT, TOKENS = 128, 16
 
@@ -51,6 +55,15 @@ def optimiser_ms(repeats: int) -> tuple[float, float]:
     loop = torch.optim.AdamW(params, lr=1e-3, foreach=False)
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
     return median_ms(loop.step, repeats), median_ms(fused.step, repeats)
+
+
+def muon_ms(repeats: int) -> tuple[float, float]:
+    matrices = muon_matrices([demo_dit("none")])
+    for p in matrices:
+        p.grad = torch.randn_like(p)
+    options = dict(lr=1e-3, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    per_matrix, batched = torch.optim.Muon(matrices, **options), BatchedMuon(matrices, **options)
+    return median_ms(per_matrix.step, repeats), median_ms(batched.step, repeats)
 
 
 def ema_ms(repeats: int) -> tuple[float, float]:
@@ -96,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"precision {precision} ({why}); DiT tiny, batch {args.batch}, median of {repeats}\n")
     figures = {}
     figures["adamw_loop_ms"], figures["adamw_fused_ms"] = optimiser_ms(repeats)
+    figures["muon_torch_ms"], figures["muon_batched_ms"] = muon_ms(repeats)
     figures["ema_per_tensor_ms"], figures["ema_foreach_ms"] = ema_ms(repeats)
     figures["dit_step_tanh_gelu_ms"] = dit_step_ms("tanh", args.batch, bf16, repeats)
     figures["dit_step_exact_gelu_ms"] = dit_step_ms("none", args.batch, bf16, repeats)
@@ -103,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print("| --- | ---: | ---: | ---: |")
     for label, before, now in (
         ("AdamW: per-tensor loop -> fused", "adamw_loop_ms", "adamw_fused_ms"),
+        ("Muon: torch's per-matrix loop -> batched by shape", "muon_torch_ms", "muon_batched_ms"),
         ("EMA: per-tensor -> one foreach lerp", "ema_per_tensor_ms", "ema_foreach_ms"),
         ("DiT step (fwd + bwd + AdamW): tanh -> exact GELU", "dit_step_tanh_gelu_ms", "dit_step_exact_gelu_ms"),
     ):

@@ -183,7 +183,7 @@ def test_attention_bf16_quick(capsys):
 def test_step_overhead_quick(capsys):
     figures = load("step_overhead").main(["--quick", "--batch", "4"])
     assert set(figures) == {
-        "adamw_loop_ms", "adamw_fused_ms", "ema_per_tensor_ms", "ema_foreach_ms",
+        "adamw_loop_ms", "adamw_fused_ms", "muon_torch_ms", "muon_batched_ms", "ema_per_tensor_ms", "ema_foreach_ms",
         "dit_step_tanh_gelu_ms", "dit_step_exact_gelu_ms",
     }  # fmt: skip
     assert all(v > 0 for v in figures.values())

@@ -30,6 +30,14 @@ def muon_matrices(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     ]
 
 
+def evaluate(closure: Callable[[], Any] | None) -> Any:
+    """An optimiser step's closure (Lightning's forward and backward), run with gradients on; None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BatchedMuon(torch.optim.Muon):
     """``torch.optim.Muon`` with the Newton-Schulz iterations of all same-shaped matrices in one batched product.
 
@@ -40,10 +48,7 @@ class BatchedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
@@ -104,10 +109,7 @@ class Combined(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for opt in self.optimizers:
             opt.step()
         return loss
