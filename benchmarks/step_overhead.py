@@ -58,7 +58,7 @@ def optimiser_ms(repeats: int) -> tuple[float, float]:
 
 
 def muon_ms(repeats: int) -> tuple[float, float]:
-    matrices = muon_matrices([demo_dit("none")])
+    matrices = muon_matrices(demo_dit("none"))
     for p in matrices:
         p.grad = torch.randn_like(p)
     options = dict(lr=1e-3, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")

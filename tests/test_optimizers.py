@@ -49,8 +49,8 @@ class Toy(nn.Module):
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     toy = Toy()
     params = list(toy.parameters())
-    assert muon_matrices([toy]) == [toy.hidden.weight]
-    opt = build_optimizer("muon", [toy], params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.999), fused=False)
+    assert muon_matrices(toy) == [toy.hidden.weight]
+    opt = build_optimizer("muon", toy, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.999), fused=False)
     assert isinstance(opt, Combined)
     muon, adamw = opt.optimizers
     assert isinstance(muon, BatchedMuon) and isinstance(adamw, torch.optim.AdamW)
@@ -61,17 +61,17 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert in_adamw[id(toy.embed.weight)] == in_adamw[id(toy.head.weight)] == 0.1  # matrices decay
     assert in_adamw[id(toy.hidden.bias)] == in_adamw[id(toy.norm.weight)] == 0.0
     # AdamW alone keeps its old grouping
-    plain = build_optimizer("adamw", [toy], params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.999), fused=False)
+    plain = build_optimizer("adamw", toy, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.999), fused=False)
     assert isinstance(plain, torch.optim.AdamW) and sum(len(g["params"]) for g in plain.param_groups) == len(params)
     with pytest.raises(ValueError, match="unknown optimiser 'sgd'"):
-        build_optimizer("sgd", [toy], params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), fused=False)
+        build_optimizer("sgd", toy, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), fused=False)
     with pytest.raises(ValueError, match="unknown optimiser"):
         OptimConfig(optimizer="sgd")
 
 
 def test_the_lr_schedule_reaches_both_optimisers_and_the_state_round_trips():
     toy = Toy()
-    opt = build_optimizer("muon", [toy], list(toy.parameters()), 1e-2, 0.0, (0.9, 0.999), fused=False)
+    opt = build_optimizer("muon", toy, 1e-2, 0.0, (0.9, 0.999), fused=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, OptimConfig(lr=1e-2, warmup_steps=4).factor)
     assert [g["lr"] for o in opt.optimizers for g in o.param_groups] == pytest.approx([2.5e-3] * 3)
     x = torch.randint(0, 10, (5,))
@@ -82,7 +82,7 @@ def test_the_lr_schedule_reaches_both_optimisers_and_the_state_round_trips():
         sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2] * 3)
     saved = opt.state_dict()
-    other = build_optimizer("muon", [toy], list(toy.parameters()), 1e-2, 0.0, (0.9, 0.999), fused=False)
+    other = build_optimizer("muon", toy, 1e-2, 0.0, (0.9, 0.999), fused=False)
     saved["param_groups"][0]["lr"] = 5e-3  # a resume at another rate rewrites the saved groups
     other.load_state_dict(saved)
     assert other.optimizers[0].param_groups[0]["lr"] == 5e-3

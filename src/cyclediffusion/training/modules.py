@@ -160,7 +160,7 @@ class StepModule(L.LightningModule):
         # parameters on 2 CPU cores, against 8 ms for the default per-tensor loop (same maths)
         o = self.optim
         fused = self.device.type in ("cuda", "cpu")
-        opt = build_optimizer(o.optimizer, [self], self.trainable_parameters(), o.lr, o.weight_decay, o.betas, fused)
+        opt = build_optimizer(o.optimizer, self, o.lr, o.weight_decay, o.betas, fused)
         # A fused optimiser can take GradScaler's scale into its kernel, and Lightning then refuses to clip
         # gradients. Without the flag GradScaler unscales the gradients before the step (as for any optimiser), so
         # clipping sees true gradients under fp16 and bf16 alike.

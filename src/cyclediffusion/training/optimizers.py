@@ -10,7 +10,7 @@ learning-rate schedule, gradient clipping and checkpoints see a single optimiser
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,11 +20,11 @@ OPTIMIZERS = ("adamw", "muon")
 MUON_MIN_WIDTH = 16  # a linear layer narrower than this on either side (an output head, say) keeps AdamW
 
 
-def muon_matrices(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """The weights Muon trains: those of ``nn.Linear`` layers at least :data:`MUON_MIN_WIDTH` wide on both sides."""
+def muon_matrices(module: nn.Module) -> list[nn.Parameter]:
+    """The weights Muon trains in ``module``: the trainable ones of ``nn.Linear`` layers at least
+    :data:`MUON_MIN_WIDTH` wide on both sides."""
     return [
         m.weight
-        for module in modules
         for m in module.modules()
         if isinstance(m, nn.Linear) and min(m.weight.shape) >= MUON_MIN_WIDTH and m.weight.requires_grad
     ]
@@ -137,14 +137,13 @@ class Combined(torch.optim.Optimizer):
 
 def build_optimizer(
     name: str,
-    modules: Sequence[nn.Module],
-    params: Sequence[nn.Parameter],
+    module: nn.Module,
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
     fused: bool,
 ) -> torch.optim.Optimizer:
-    """``name``'s optimiser for ``params`` (the trainable parameters of ``modules``).
+    """``name``'s optimiser for the trainable parameters of ``module``.
 
     AdamW decays matrices (``ndim >= 2``) by ``weight_decay`` and nothing else. With ``muon`` the hidden layers'
     weight matrices (:func:`muon_matrices`) go to Muon at the same learning rate, its update scaled to the RMS of
@@ -152,7 +151,8 @@ def build_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimiser {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    matrices = {id(p) for p in muon_matrices(modules)} if name == "muon" else set()
+    params = [p for p in module.parameters() if p.requires_grad]
+    matrices = {id(p) for p in muon_matrices(module)} if name == "muon" else set()
     rest = [p for p in params if id(p) not in matrices]
     groups = [
         {"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
