@@ -23,7 +23,7 @@ def test_batched_muon_equals_torch_muon(nesterov, adjust):
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
     kw = dict(lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust)
-    a, b = BatchedMuon(ours, **kw), torch.optim.Muon(theirs, **kw)
+    a, b = BatchedMuon(ours, **kw, ns_dtype=torch.bfloat16), torch.optim.Muon(theirs, **kw)
     for _ in range(4):
         for p, q in zip(ours, theirs, strict=True):
             p.grad = torch.randn(p.shape, generator=g)
@@ -34,6 +34,25 @@ def test_batched_muon_equals_torch_muon(nesterov, adjust):
         torch.testing.assert_close(p, q, atol=0, rtol=0)
         torch.testing.assert_close(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"], atol=0, rtol=0)
     assert all((p - p0).abs().max() > 1e-3 for p, p0 in zip(ours, start, strict=True))  # the steps moved them
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_muon_orthogonalises_in_bf16_only_where_the_cpu_computes_it(native, monkeypatch):
+    """Without native bf16 (an AVX2 CPU, where emulated bf16 is ~40x slower) the Newton-Schulz iterations run in
+    fp32; with it, in bf16 as torch's Muon does."""
+    from cyclediffusion.training import optimizers
+
+    monkeypatch.setattr(
+        optimizers, "choose_dtype", lambda requested, device: (torch.bfloat16 if native else torch.float32, "")
+    )
+    optimizers._native_dtype.cache_clear()
+    seen = []
+    monkeypatch.setattr(optimizers, "newton_schulz", lambda x, *a: seen.append(x.dtype) or x)
+    p = nn.Parameter(torch.randn(16, 16))
+    p.grad = torch.randn(16, 16)
+    BatchedMuon([p], lr=0.01).step()
+    optimizers._native_dtype.cache_clear()
+    assert seen == [torch.bfloat16 if native else torch.float32]
 
 
 class Toy(nn.Module):
