@@ -7,8 +7,8 @@ Three parts of a step, each timed both ways on the same tensors (median of the r
 
 - the optimiser: AdamW's default per-tensor loop on a CPU against the fused kernel that training now uses;
 - Muon (``--optimizer muon``) on the DiT's hidden matrices: ``torch.optim.Muon``, which orthogonalises one matrix
-  after another, against :class:`~cyclediffusion.training.optimizers.BatchedMuon` (same maths, one batched
-  Newton-Schulz iteration per shape);
+  after another and always in bf16, against :class:`~cyclediffusion.training.optimizers.BatchedMuon` (same maths,
+  one batched Newton-Schulz iteration per shape, in bf16 only where the CPU computes it natively: fp32 on AVX2);
 - the EMA update: one lerp per tensor (the old ``avg_fn``) against one fused ``_foreach_lerp_`` (``multi_avg_fn``);
 - the DiT's MLP activation: forward + backward + AdamW of the whole DiT with the tanh GELU (the DiT paper's, and the
   class default) against the exact GELU that the recipes build, under the precision ``--precision auto`` picks here.
@@ -25,7 +25,7 @@ import torch
 from common import machine_line, versions_line
 
 from cyclediffusion.models import DiT
-from cyclediffusion.precision import choose_precision
+from cyclediffusion.precision import choose_dtype, choose_precision
 from cyclediffusion.recipes import build_denoiser
 from cyclediffusion.training.optimizers import BatchedMuon, muon_matrices
 
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bf16 = precision.startswith("bf16")
     print(machine_line("cpu"))
     print(versions_line(("cyclediffusion", "lightning")))
-    print(f"precision {precision} ({why}); DiT tiny, batch {args.batch}, median of {repeats}\n")
+    ns_dtype = str(choose_dtype("auto", "cpu")[0]).removeprefix("torch.")
+    print(f"precision {precision} ({why}); DiT tiny, batch {args.batch}, median of {repeats}")
+    print(f"Newton-Schulz iterations: torch's Muon in bfloat16, BatchedMuon in {ns_dtype}\n")
     figures = {}
     figures["adamw_loop_ms"], figures["adamw_fused_ms"] = optimiser_ms(repeats)
     figures["muon_torch_ms"], figures["muon_batched_ms"] = muon_ms(repeats)
