@@ -338,6 +338,31 @@ def test_cli_train_then_sample_writes_png(tmp_path, monkeypatch):
     assert set(report["categories"]) == set(CATEGORIES) and 0 <= report["overall"] <= 1
     assert (tmp_path / "run" / "eval" / "failures.png").is_file()  # a 4-step model fails most prompts
 
+    # eval's held-out category defaults to the pairs the run's data never drew (the folder's world.json)
+    def evaluated(*extra: str) -> dict[str, list[str]]:
+        cli(
+            "eval",
+            "--model",
+            "run",
+            "--samples-per-prompt",
+            "1",
+            "--steps",
+            "2",
+            "--per-kind",
+            "1",
+            *extra,
+            cwd=tmp_path,
+        )
+        records = json.loads((tmp_path / "run" / "eval" / "shapes_eval.json").read_text())["records"]
+        return {c: [r["text"] for r in records if r["category"] == c] for c in {r["category"] for r in records}}
+
+    assert "held_out" not in evaluated()  # a folder without a world.json: nothing held out
+    (data / "world.json").write_text(json.dumps({"holdout": ["purple triangle"]}))
+    texts = evaluated()
+    assert texts["held_out"] and all("purple triangle" in t for t in texts["held_out"])
+    assert not any("purple triangle" in t for c, ts in texts.items() if c != "held_out" for t in ts)
+    assert "held_out" not in evaluated("--held-out", "")  # '' asks for none
+
 
 @pytest.mark.parametrize(
     "args,message",

@@ -70,7 +70,7 @@ GUIDE_SHARE = 0.5
 # Muon (orthogonalised momentum) trains the hidden layers' weight matrices of the text encoder and the DiT, AdamW the
 # rest (`--optimizer muon`). At the demo's length (6.8 minutes of training, three seeds) overall 0.914 against 0.838
 # with AdamW alone (+0.076 on every seed), relations 1.00 against 0.48, single 0.97 against 0.89 (README, "Muon").
-# On an AVX2-only CPU (fp32, about 950 steps in those 6.8 minutes; two seeds) 0.787 against 0.544 (README, top).
+# On an AVX2-only CPU (fp32, about 970 steps in those 6.8 minutes; three seeds) 0.772 against 0.567 (README, top).
 OPTIMIZER = "muon"
 VAE_STOP = 0.95
 VAE_MIN_SHARE = 0.22
