@@ -15,7 +15,8 @@ mask (the pixels where source and ideal differ, dilated by a pixel):
 
 Every variant edits the same triplets with the same prompts and per-image generators (``seed * 100003 + i``) at
 each ``--strengths`` value and each seed. Variants: ``cycle``, ``ef_ddpm``, ``ddim_inversion``, ``sdedit``,
-``flowedit`` (flow models), ``+p2p`` (attention coupling, cross 0.8, self 0.4), ``+mask`` (the exact mask),
+``flowedit`` (flow models), ``+p2p`` (attention coupling of the cross-attention for the first 80% of the steps;
+``+p2p0.3`` for 30%, ``+p2p0.3s0.2`` with the self-attention for the first 20% too), ``+mask`` (the exact mask),
 ``+auto`` (the mask read from the model), ``@20`` (20 steps instead of ``--steps``).
 
 Per edit: success (ShapesEval reads the target caption, every criterion, on the edited image); preservation where
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import replace
@@ -70,7 +72,7 @@ from cyclediffusion.pipelines.coupling import AttentionCoupling
 EDIT_TYPES = ("colour", "shape", "size", "position", "add", "remove", "change_one")
 BASE_METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "sdedit", "flowedit")
 DEFAULT_VARIANTS = ("cycle", "cycle+p2p", "ef_ddpm", "ddim_inversion", "ddim_inversion+p2p", "sdedit", "flowedit",
-                    "cycle+mask", "cycle+auto", "cycle@20")  # fmt: skip
+                    "cycle+mask", "ef_ddpm+mask", "cycle+auto", "cycle@20")  # fmt: skip
 STRENGTHS = (0.6, 0.8, 1.0)
 LEVELS = (0.5, 0.75, 0.9)
 GATE_STRENGTH = 0.8
@@ -192,12 +194,19 @@ def measure(case: dict, edited: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- variants and editing
 def parse_variant(name: str, steps: int) -> dict:
-    """``cycle+p2p@20`` -> method, coupling, mask mode and steps."""
+    """``cycle+p2p0.4@20`` -> method, coupling, mask mode and steps."""
     base, _, at = name.partition("@")
     method, *extras = base.split("+")
-    if method not in BASE_METHODS or any(e not in ("p2p", "mask", "auto") for e in extras):
-        raise ValueError(f"unknown variant {name!r}: METHOD[+p2p][+mask|+auto][@STEPS], METHOD in {BASE_METHODS}")
-    return {"method": method, "coupling": AttentionCoupling() if "p2p" in extras else None,
+    couplings = [re.fullmatch(r"p2p(\d*\.?\d+)?(?:s(\d*\.?\d+))?", e) for e in extras]
+    known = all(c is not None or e in ("mask", "auto") for c, e in zip(couplings, extras))
+    if method not in BASE_METHODS or not known:
+        raise ValueError(f"unknown variant {name!r}: METHOD[+p2p[CROSS[sSELF]]][+mask|+auto][@STEPS], "
+                         f"METHOD in {BASE_METHODS}")  # fmt: skip
+    coupling = next((c for c in couplings if c is not None), None)
+    if coupling is not None:
+        cross, self_ = coupling.groups()
+        coupling = AttentionCoupling(float(cross or AttentionCoupling.cross_steps), float(self_ or 0.0))
+    return {"method": method, "coupling": coupling,
             "mask": "exact" if "mask" in extras else "auto" if "auto" in extras else None,
             "steps": int(at) if at else steps}  # fmt: skip
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from cyclediffusion.data.shapes import parse_caption
 
@@ -41,6 +42,19 @@ def test_preservation_metrics_see_damage_outside_only():
     assert kept["psnr_out"] == 100.0 and kept["pie_psnr"] == 100.0  # only the mask's pixels changed
 
 
+def test_variant_names_carry_the_coupling_shares():
+    bench = load("shapes_pie")
+    default = bench.parse_variant("cycle+p2p", 50)["coupling"]
+    assert (default.cross_steps, default.self_steps) == (0.8, 0.0)
+    spec = bench.parse_variant("ddim_inversion+p2p0.3s0.2@20", 50)
+    assert spec["method"] == "ddim_inversion" and spec["steps"] == 20 and spec["mask"] is None
+    assert (spec["coupling"].cross_steps, spec["coupling"].self_steps) == (0.3, 0.2)
+    assert bench.parse_variant("cycle+mask", 50)["coupling"] is None
+    for bad in ("cycle+p2px", "cycle+p2p1.5", "cycle+blend", "dpm"):
+        with pytest.raises(ValueError):
+            bench.parse_variant(bad, 50)
+
+
 def test_shapes_pie_quick(tmp_path, capsys, monkeypatch):
     bench = load("shapes_pie")
     args = ["--quick", "--out", str(tmp_path), "--batch-size", "7"]
@@ -49,8 +63,8 @@ def test_shapes_pie_quick(tmp_path, capsys, monkeypatch):
     assert saved["settings"]["n"] == 2 and (tmp_path / "shapes_pie_examples.png").is_file()
     overall = {r["variant"]: r for r in result["rows"] if r["kind"] == "all"}
     assert set(overall) == set(bench.DEFAULT_VARIANTS) - {"flowedit"}  # the quick pipeline is a DDPM model
-    masked = [r for r in result["records"] if r["variant"] == "cycle+mask"]
-    assert len(masked) == 14 * 2 and all(r["psnr_out"] == 100.0 for r in masked)  # exact outside the mask
+    masked = [r for r in result["records"] if r["variant"].endswith("+mask")]
+    assert len(masked) == 2 * 14 * 2 and all(r["psnr_out"] == 100.0 for r in masked)  # exact outside the mask
     assert overall["cycle@20"]["nfe"] > overall["cycle"]["nfe"] > 0
     assert overall["cycle+auto"]["nfe"] > overall["cycle"]["nfe"]  # the mask reading is counted
     assert 0 <= overall["cycle"]["gated_ssim_out"] <= overall["cycle"]["ssim_out"]
