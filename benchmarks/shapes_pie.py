@@ -193,19 +193,23 @@ def measure(case: dict, edited: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- variants and editing
+COUPLING = re.compile(r"p2p(\d*\.?\d+)?(?:s(\d*\.?\d+))?")  # p2p[CROSS][sSELF]: shares of the steps coupled
+VARIANT_SYNTAX = "METHOD[+p2p[CROSS[sSELF]]][+mask|+auto][@STEPS]"
+
+
 def parse_variant(name: str, steps: int) -> dict:
     """``cycle+p2p0.4@20`` -> method, coupling, mask mode and steps."""
     base, _, at = name.partition("@")
     method, *extras = base.split("+")
-    couplings = [re.fullmatch(r"p2p(\d*\.?\d+)?(?:s(\d*\.?\d+))?", e) for e in extras]
-    known = all(c is not None or e in ("mask", "auto") for c, e in zip(couplings, extras))
-    if method not in BASE_METHODS or not known:
-        raise ValueError(f"unknown variant {name!r}: METHOD[+p2p[CROSS[sSELF]]][+mask|+auto][@STEPS], "
-                         f"METHOD in {BASE_METHODS}")  # fmt: skip
-    coupling = next((c for c in couplings if c is not None), None)
-    if coupling is not None:
-        cross, self_ = coupling.groups()
-        coupling = AttentionCoupling(float(cross or AttentionCoupling.cross_steps), float(self_ or 0.0))
+    coupling = None
+    for extra in extras:
+        if match := COUPLING.fullmatch(extra):
+            cross, self_ = match.groups()
+            coupling = AttentionCoupling(float(cross or AttentionCoupling.cross_steps), float(self_ or 0.0))
+        elif extra not in ("mask", "auto"):
+            method = None
+    if method not in BASE_METHODS:
+        raise ValueError(f"unknown variant {name!r}: {VARIANT_SYNTAX}, METHOD in {BASE_METHODS}")
     return {"method": method, "coupling": coupling,
             "mask": "exact" if "mask" in extras else "auto" if "auto" in extras else None,
             "steps": int(at) if at else steps}  # fmt: skip
@@ -329,7 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/shapes_pie", help="folder for the JSON and the example grid")
     parser.add_argument("--n", type=int, default=100, help="triplets per edit type (7 types)")
     parser.add_argument("--seeds", default="0,1,2", help="edit seeds (the triplets stay those of seed 0)")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated {VARIANT_SYNTAX}, e.g. cycle+p2p0.2 (coupled for 20%% of the steps)",
+    )
     parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS))
     parser.add_argument("--levels", default=",".join(f"{s:g}" for s in LEVELS), help="success levels to match")
     parser.add_argument("--guidance", type=float, default=4.0)
