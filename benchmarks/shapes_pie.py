@@ -17,7 +17,8 @@ Every variant edits the same triplets with the same prompts and per-image genera
 each ``--strengths`` value and each seed. Variants: ``cycle``, ``ef_ddpm``, ``ddim_inversion``, ``sdedit``,
 ``flowedit`` (flow models), ``+p2p`` (attention coupling of the cross-attention for the first 80% of the steps;
 ``+p2p0.3`` for 30%, ``+p2p0.3s0.2`` with the self-attention for the first 20% too), ``+mask`` (the exact mask),
-``+auto`` (the mask read from the model), ``@20`` (20 steps instead of ``--steps``).
+``+auto`` (the mask read from the model), ``+rs2`` (with a mask: each step taken 1 + 2 times, RePaint's
+resampling), ``@20`` (20 steps instead of ``--steps``).
 
 Per edit: success (ShapesEval reads the target caption, every criterion, on the edited image); preservation where
 the mask is 0 (PSNR, SSIM map averaged there, MSE; and PIE-Bench's own convention, labelled ``pie_psnr``: both
@@ -72,7 +73,7 @@ from cyclediffusion.pipelines.coupling import AttentionCoupling
 EDIT_TYPES = ("colour", "shape", "size", "position", "add", "remove", "change_one")
 BASE_METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "sdedit", "flowedit")
 DEFAULT_VARIANTS = ("cycle", "cycle+p2p", "ef_ddpm", "ddim_inversion", "ddim_inversion+p2p", "sdedit", "flowedit",
-                    "cycle+mask", "ef_ddpm+mask", "cycle+auto", "cycle@20")  # fmt: skip
+                    "cycle+mask", "ef_ddpm+mask", "ef_ddpm+mask+rs2", "cycle+auto", "cycle@20")  # fmt: skip
 STRENGTHS = (0.6, 0.8, 1.0)
 LEVELS = (0.5, 0.75, 0.9)
 GATE_STRENGTH = 0.8
@@ -194,23 +195,26 @@ def measure(case: dict, edited: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- variants and editing
 COUPLING = re.compile(r"p2p(\d*\.?\d+)?(?:s(\d*\.?\d+))?")  # p2p[CROSS][sSELF]: shares of the steps coupled
-VARIANT_SYNTAX = "METHOD[+p2p[CROSS[sSELF]]][+mask|+auto][@STEPS]"
+RESAMPLE = re.compile(r"rs(\d+)")  # rsN: each masked step taken 1 + N times (RePaint)
+VARIANT_SYNTAX = "METHOD[+p2p[CROSS[sSELF]]][+mask|+auto][+rsN][@STEPS]"
 
 
 def parse_variant(name: str, steps: int) -> dict:
-    """``cycle+p2p0.4@20`` -> method, coupling, mask mode and steps."""
+    """``cycle+p2p0.4@20`` -> method, coupling, mask mode, resampling passes and steps."""
     base, _, at = name.partition("@")
     method, *extras = base.split("+")
-    coupling = None
+    coupling, resample = None, 0
     for extra in extras:
         if match := COUPLING.fullmatch(extra):
             cross, self_ = match.groups()
             coupling = AttentionCoupling(float(cross or AttentionCoupling.cross_steps), float(self_ or 0.0))
+        elif match := RESAMPLE.fullmatch(extra):
+            resample = int(match.group(1))
         elif extra not in ("mask", "auto"):
             method = None
     if method not in BASE_METHODS:
         raise ValueError(f"unknown variant {name!r}: {VARIANT_SYNTAX}, METHOD in {BASE_METHODS}")
-    return {"method": method, "coupling": coupling,
+    return {"method": method, "coupling": coupling, "resample": resample,
             "mask": "exact" if "mask" in extras else "auto" if "auto" in extras else None,
             "steps": int(at) if at else steps}  # fmt: skip
 
@@ -239,6 +243,7 @@ def run_variant(pipe, cases: list[dict], spec: dict, strength: float, seed: int,
             method=spec["method"],
             mask_image=mask,
             coupling=spec["coupling"],
+            resample=spec["resample"],
         )
         out.append(np.clip(np.rint(result.images * 255), 0, 255).astype(np.uint8))
         nfe.append(result.nfe * len(chunk))

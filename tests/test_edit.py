@@ -252,7 +252,9 @@ def test_implicit_mask_finds_the_object_whose_caption_changes(briefly_trained):
     x0 = pipe.image_latents(reds, 4, 1, None)
     src = pipe.prompt_guidance(["a red shape"] * 4, 1.0)
     tgt = pipe.prompt_guidance(["a purple shape"] * 4, 1.0)
-    mask = implicit_mask(pipe, pipe, x0, src, tgt, torch.Generator().manual_seed(0))[:, 0].bool()
+    # read at a higher cut than the default (0.1, chosen on a model that composes): this briefly trained model's
+    # estimates also part a little all over the background
+    mask = implicit_mask(pipe, pipe, x0, src, tgt, torch.Generator().manual_seed(0), threshold=0.3)[:, 0].bool()
     ious, blues = [], []
     for source, edited, read in zip(reds, out.images * 2 - 1, mask):
         inside = object_mask(source)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from test_edit import MODELS, cycle_pipeline, pictures, saved_model  # noqa: F401
 
-from cyclediffusion.pipelines.edit import MASKED_METHODS
+from cyclediffusion.pipelines.edit import MASKED_METHODS, RESAMPLED_METHODS
 
 
 def methods_for(process: str) -> list[str]:
@@ -62,6 +62,38 @@ def test_a_mask_keeps_everything_outside_as_the_source(one_thread, method):
     assert (np.asarray(pil[0])[outside] == expected[outside]).all()
 
 
+@pytest.mark.parametrize("method", RESAMPLED_METHODS)
+def test_resampling_redraws_only_inside_the_mask_and_costs_its_passes(one_thread, method):
+    """RePaint's resampling: each masked step but the last taken 1 + r times; the outside stays the source's, the
+    inside changes, the network calls grow by the extra passes, and an edit that changes nothing stays exact."""
+    pipe = cycle_pipeline("unet", "flow", vae=True)
+    image = pictures(1)
+    kwargs = dict(num_inference_steps=10, strength=0.5, guidance_scale=3.0, method=method, eta=0.5,
+                  mask_image=square_mask(), output_type="latent")  # fmt: skip
+
+    def run(prompt: str, resample: int, **more):
+        return pipe(prompt, "a red square", image, generator=torch.Generator().manual_seed(0), resample=resample,
+                    **kwargs, **more)  # fmt: skip
+
+    once, twice = run("a blue circle", 0), run("a blue circle", 2)
+    rows = 2 if method == "sdedit" else 3  # per step: target cond + uncond, and the source branch's call
+    assert once.nfe == 5 * rows and twice.nfe == (5 + 2 * 4) * rows  # the last step is taken once
+    x0 = pipe.image_latents(image, 1, 1, torch.Generator().manual_seed(0))
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1:3, 1:3] = False
+    torch.testing.assert_close(twice.images[0][:, keep], x0[0][:, keep])
+    assert (twice.images[0][:, ~keep] - once.images[0][:, ~keep]).abs().mean() > 1e-2
+    if method != "sdedit":  # the coupled methods give the input back when nothing changes, resampled or not
+        assert (run("a red square", 2, source_guidance_scale=3.0).images - x0).abs().max() <= 1e-4
+
+
+def test_flowedit_cannot_resample():
+    pipe = cycle_pipeline("unet", "flow", vae=True)
+    with pytest.raises(ValueError, match="cannot resample"):
+        pipe("a blue circle", "a red square", pictures(1), method="flowedit", mask_image=square_mask(), resample=1,
+             num_inference_steps=2)  # fmt: skip
+
+
 def test_on_a_flow_model_edit_friendly_inversion_tends_to_flowedit(one_thread):
     """On the flow path a deterministic step is ``x + (t' - t) v``, so ef_ddpm's coupled update
     ``x_tgt' = x_src' + x_tgt - x_src + (t' - t)(v_tgt - v_src)`` with fresh noisings of the image is FlowEdit's with
@@ -103,6 +135,10 @@ def test_network_evaluations_per_edit(one_thread):
         ({"mask_image": [square_mask()] * 3}, "3 masks for 2 prompts"),
         ({"method": "flowedit"}, "flow-matching"),
         ({"method": "ef_ddpm", "eta": 0.0}, "eta > 0"),
+        ({"resample": 1}, "give mask_image too"),
+        ({"resample": -1, "mask_image": square_mask()}, "whole number"),
+        ({"resample": 1.5, "mask_image": square_mask()}, "whole number"),
+        ({"resample": 1, "mask_image": square_mask(), "method": "ddim_inversion"}, "no source branch"),
     ],
 )
 def test_bad_masks_and_methods_are_refused_clearly(kwargs, message):
@@ -124,7 +160,13 @@ def test_cli_edit_with_a_mask(saved_model, capsys):  # noqa: F811
     edited, source = np.asarray(Image.open(saved_model / "e.png")), np.asarray(Image.open(saved_model / "in.png"))
     outside = np.asarray(square_mask()) == 0
     assert (edited[outside] == source[outside]).all()
+    out = saved_model / "r.png"
+    assert main([*args, "--mask", str(saved_model / "mask.png"), "--resample", "1", "--out", str(out)]) == 0
+    resampled = np.asarray(Image.open(out))
+    assert (resampled[outside] == source[outside]).all() and (resampled[~outside] != edited[~outside]).any()
     capsys.readouterr()
+    assert main([*args, "--resample", "1"]) == 2  # no mask
+    assert "give mask_image too" in capsys.readouterr().err
     assert main([*args, "--mask", str(saved_model / "rgb.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "single-channel" in err[0]

@@ -244,3 +244,23 @@ def test_config_round_trip(tmp_path):
     assert loaded.config == process.config
     assert loaded.config.prediction_type == "v_prediction"
     assert math.isclose(float(loaded.alphas_cumprod[500]), float(process.alphas_cumprod[500]))
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_renoising_a_draw_of_the_path_lands_on_a_draw_of_the_noisier_point(process):
+    """RePaint's step back up: q(x_t | x_p) after q(x_p | x0) is q(x_t | x0), with mean alpha_t x0 and spread
+    sigma_t; an exact draw of the clean end (t_prev at the clean end) is plain noising."""
+    from cyclediffusion.diffusion import FlowMatching
+
+    path = GaussianDiffusion() if process == "ddpm" else FlowMatching()
+    (t, t_prev), *_ = path.grid(10)[3:]
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.tensor([1.5, -0.5]).repeat(200_000, 1)
+    x_p = path.add_noise(x0, torch.randn(x0.shape, generator=g), t_prev)
+    x_t = path.renoise(x_p, t_prev, t, torch.randn(x0.shape, generator=g))
+    alpha, sigma = path.alpha_sigma(t, x0)
+    torch.testing.assert_close(x_t.mean(0), alpha[0] * x0[0], atol=1e-2, rtol=0)
+    torch.testing.assert_close(x_t.std(0), sigma[0].expand(2), atol=1e-2, rtol=0)
+    noise = torch.randn(x0[:4].shape, generator=g)
+    clean_end = path.grid(10)[-1][1]
+    torch.testing.assert_close(path.renoise(x0[:4], clean_end, t, noise), path.add_noise(x0[:4], noise, t))

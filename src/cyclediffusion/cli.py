@@ -190,6 +190,7 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
         output_type="pt",
         mask_image=open_mask(mask) if (mask := getattr(args, "mask", None)) not in (None, "auto") else mask,
         coupling=coupling_of(args),
+        resample=getattr(args, "resample", 0),
     )
 
 
@@ -480,6 +481,8 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--couple-cross", type=float, default=None, help="share of the steps the target reuses the source's "
          "cross-attention for shared words (prompt-to-prompt; default with --couple-self: 0.8)")  # fmt: skip
     flag(p, "--couple-self", type=float, default=None, help="share of the steps it reuses the source's self-attention")
+    flag(p, "--resample", type=int, default=api_default(call, "resample"), help="with --mask: take each step "
+         "1 + N times, noising back up in between (RePaint), so the change is drawn inside the mask")  # fmt: skip
     flag(p, "--strength", type=float, default=api_default(call, "strength"), help="how far into the chain, in [0, 1]")
     flag(p, "--eta", type=float, default=api_default(call, "eta"), help="DDIM stochasticity, > 0 for cycle")
     flag(p, "--guidance", type=float, default=None, help="guidance of the target chain (default: the model's own)")

@@ -150,6 +150,16 @@ class NoiseProcessBase:
         alpha_p, sigma_p = self.alpha_sigma(t_prev, x_t)
         return (sigma_p * x_t - sigma_t * x_prev) / (alpha_t * sigma_p - alpha_p * sigma_t)
 
+    def renoise(self, x_prev: torch.Tensor, t_prev: Time, t: Time, noise: torch.Tensor) -> torch.Tensor:
+        """A draw of ``q(x_t | x_prev)``, the forward path from ``t_prev`` back up to the noisier ``t``:
+        ``(alpha_t / alpha_p) x_prev + sqrt(sigma_t^2 - (alpha_t sigma_p / alpha_p)^2) noise``. A point drawn from
+        ``q(x_p | x0)`` lands on a draw of ``q(x_t | x0)`` (RePaint's resampling step, Lugmayr et al. 2022)."""
+        alpha_t, sigma_t = self.alpha_sigma(t, x_prev)
+        alpha_p, sigma_p = self.alpha_sigma(t_prev, x_prev)
+        ratio = alpha_t / alpha_p
+        scale = (sigma_t**2 - (ratio * sigma_p) ** 2).clamp(min=0).sqrt()
+        return (ratio * x_prev + scale * noise).to(x_prev.dtype)
+
     def nested_grid(self, num_inference_steps: int, substeps: int) -> list[list[tuple[float, float]]]:
         """The ``(t, t_prev)`` pairs of the ``num_inference_steps`` sampler (:meth:`grid`), each split into
         ``substeps`` steps evenly spaced in time: a teacher's fine steps across one step of a few-step student.

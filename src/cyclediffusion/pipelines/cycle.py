@@ -85,6 +85,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
         method: str = "cycle",
         mask_image: MaskInput | None = None,
         coupling: AttentionCoupling | None = None,
+        resample: int = 0,
     ) -> ImagePipelineOutput:
         """Edit ``image`` (described by ``source_prompt``) so that it shows ``prompt``.
 
@@ -108,6 +109,9 @@ class CycleDiffusionPipeline(DiffusionPipeline):
                 read from the model, where the target prompt's clean-image estimate departs from the source's.
             coupling: an :class:`~cyclediffusion.pipelines.coupling.AttentionCoupling`: the target branch reuses
                 the source branch's attention weights (prompt-to-prompt) for a share of the steps.
+            resample: with a mask (``cycle``, ``ef_ddpm``, ``sdedit``), take every step but the last ``1 +
+                resample`` times, noising the blended branches back up in between (RePaint): the target draws its
+                change inside the mask instead of beside it. Costs ``1 + resample`` times the network calls.
 
         Returns the images, with ``nfe``: denoiser evaluations per edited image.
         """
@@ -130,6 +134,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
             method=method,
             mask_image=mask_image,
             coupling=coupling,
+            resample=resample,
         )
 
 

@@ -19,7 +19,10 @@ with the noise that the source branch needed to land on ``source_next``
 Every method but ``sdedit`` returns the input exactly when the target prompt, model and guidance equal the
 source's. A ``mask_image`` (white = edit) blends the target branch into the source branch at every step outside
 the mask and pastes the source pixels there at the end, so everything outside stays the source's;
-``mask_image="auto"`` reads the mask from the model (:mod:`~cyclediffusion.pipelines.implicit_mask`).
+``mask_image="auto"`` reads the mask from the model (:mod:`~cyclediffusion.pipelines.implicit_mask`). With a
+mask, ``resample=r`` takes every step but the last ``1 + r`` times (RePaint, Lugmayr et al. 2022): the blended
+branches are noised back up to the step's start with one shared noise and the step is taken again, so that what
+the target drew outside the mask, and the blend erased, is drawn again inside it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "sdedit", "flowedit")
 FLOW_METHODS = ("flowedit",)  # flow-matching models only
 GENERAL_METHODS = tuple(m for m in METHODS if m not in FLOW_METHODS)  # for every model
 MASKED_METHODS = ("cycle", "ef_ddpm", "sdedit", "flowedit")  # those with a source branch to blend into
+RESAMPLED_METHODS = ("cycle", "ef_ddpm", "sdedit")  # those whose branches are noisy points to noise back up
 COUPLED_METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "flowedit")  # a source branch beside the target
 MaskInput = Image.Image | np.ndarray | torch.Tensor | Sequence[Image.Image] | str  # str: "auto"
 
@@ -68,11 +72,13 @@ def edit(
     method: str = "cycle",
     mask_image: MaskInput | None = None,
     coupling: AttentionCoupling | None = None,
+    resample: int = 0,
 ) -> ImagePipelineOutput:
     """Encode ``image`` with the ``source`` pipeline and decode it with the ``target`` pipeline (the same object
     for an edit, two models for a translation); see :class:`~.cycle.CycleDiffusionPipeline` for the arguments.
     The output's ``nfe`` is the number of denoiser evaluations per edited image."""
     check_arguments(source, method, eta, strength, num_inference_steps, num_images_per_prompt, mask_image)
+    check_resample(resample, method, mask_image)
     if coupling is not None:
         if not isinstance(coupling, AttentionCoupling):
             raise TypeError(f"coupling must be an AttentionCoupling, got {type(coupling).__name__}")
@@ -103,6 +109,7 @@ def edit(
     src = source.prompt_guidance(sources, source_guidance_scale, num_images_per_prompt)
     latent_mask = None if mask is None else F.adaptive_max_pool2d(mask, x0.shape[-2:])
     branches = Branches(source, target, src, tgt, x0, grid, eta, generator, every(callback, callback_steps))
+    branches.resample = resample
     with count_rows(source, target) as rows:
         if auto_mask:  # read from the model: where the two prompts' estimates part (counted in nfe)
             latent_mask = implicit_mask(source, target, x0, src, tgt, generator)
@@ -114,6 +121,17 @@ def edit(
         out = paste_outside(out, image, mask, source.latent_factor, output_type)
     out.nfe = rows[0] / x0.shape[0]
     return out
+
+
+def check_resample(resample: int, method: str, mask_image: MaskInput | None) -> None:
+    """``resample`` is a count of extra passes, for a masked edit of a method with noisy branches."""
+    if isinstance(resample, bool) or not isinstance(resample, int) or resample < 0:
+        raise ValueError(f"resample must be a whole number >= 0, got {resample!r}")
+    if resample and mask_image is None:
+        raise ValueError("resample harmonises a masked edit: give mask_image too")
+    if resample and method not in RESAMPLED_METHODS:
+        raise ValueError(f"method {method!r} cannot resample (its edit is not a noisy point to noise back up); use "
+                         f"one of {', '.join(RESAMPLED_METHODS)}")  # fmt: skip
 
 
 def check_arguments(
@@ -164,6 +182,7 @@ class Branches:
         self.paired = paired_predictions(source, target, src, tgt)
         self.processor: CouplingProcessor | None = None
         self.shares = (0.0, 0.0)
+        self.resample = 0  # extra passes of every masked step but the last (RePaint)
 
     @contextmanager
     def coupling(
@@ -199,6 +218,15 @@ class Branches:
         if self.callback is not None:
             self.callback(i, self.process.model_time_of(t, x)[0], x)
 
+    def passes(self, i: int, mask: torch.Tensor | None) -> int:
+        """How many times step ``i`` is taken: once, or ``1 + resample`` for a masked step before the last."""
+        return 1 + (self.resample if mask is not None and i < len(self.grid) - 1 else 0)
+
+    def renoised(self, t_prev: float, t: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The branches at ``t_prev`` noised back up to ``t`` with one shared noise (equal branches stay equal)."""
+        noise = randn(xs[0].shape, self.generator, xs[0].device)
+        return tuple(self.process.renoise(x, t_prev, t, noise) for x in xs)
+
     def noised(self, t: float) -> torch.Tensor:
         """An independent noising of the image at path time ``t``."""
         return self.process.add_noise(self.x0, randn(self.x0.shape, self.generator, self.x0.device), t)
@@ -209,15 +237,18 @@ class Branches:
         process, last = self.process, len(self.grid) - 1
         x_src = x_tgt = self.noised(self.grid[0][0])
         for i, (t, t_prev) in enumerate(self.grid):
-            src_prediction, tgt_prediction = self.predict(i, x_src, x_tgt, process.model_time_of(t, x_src))
-            x_src_prev = self.x0 if i == last else source_next(i, x_src)
-            x_tgt = process.coupled_step(
-                x_src, src_prediction, x_src_prev, x_tgt, tgt_prediction, t, t_prev, self.eta,
-                target_process=self.target.noise_process,
-            )  # fmt: skip
-            x_src = x_src_prev
-            if mask is not None:
-                x_tgt = torch.lerp(x_src, x_tgt, mask)
+            for again in range(self.passes(i, mask)):
+                if again:
+                    x_src, x_tgt = self.renoised(t_prev, t, x_src, x_tgt)
+                src_prediction, tgt_prediction = self.predict(i, x_src, x_tgt, process.model_time_of(t, x_src))
+                x_src_prev = self.x0 if i == last else source_next(i, x_src)
+                x_tgt = process.coupled_step(
+                    x_src, src_prediction, x_src_prev, x_tgt, tgt_prediction, t, t_prev, self.eta,
+                    target_process=self.target.noise_process,
+                )  # fmt: skip
+                x_src = x_src_prev
+                if mask is not None:
+                    x_tgt = torch.lerp(x_src, x_tgt, mask)
             self.report(i, t, x_tgt)
         return x_tgt
 
@@ -252,9 +283,12 @@ class Branches:
         process, last = self.target.noise_process, len(self.grid) - 1
         x = self.noised(self.grid[0][0])
         for i, (t, t_prev) in enumerate(self.grid):
-            x = process.step(target_fn(x, process.model_time_of(t, x)), x, t, t_prev, self.eta, self.generator)
-            if mask is not None:
-                x = torch.lerp(self.x0 if i == last else self.noised(t_prev), x, mask)
+            for again in range(self.passes(i, mask)):
+                if again:
+                    (x,) = self.renoised(t_prev, t, x)
+                x = process.step(target_fn(x, process.model_time_of(t, x)), x, t, t_prev, self.eta, self.generator)
+                if mask is not None:
+                    x = torch.lerp(self.x0 if i == last else self.noised(t_prev), x, mask)
             self.report(i, t, x)
         return x
 

@@ -5,6 +5,12 @@ under the target prompt. Where the two captions agree, so do the estimates; wher
 colour or shape the target prompt changes) the estimates part. The mean absolute difference over the channels and
 the draws, scaled to [0, 1] per image and cut at ``threshold``, is the edit mask in latent cells. With equal prompts
 it is empty, so the edit keeps the whole input.
+
+The cut is low (a tenth of the image's largest difference) because an edit must cover where the object ends up, not
+only where the two estimates part most: on Shapes-PIE (140 triplets, a model that composes) the old cut at one half
+read masks of 5 latent cells for objects of 11 and edited successfully 0.34 of the time; at 0.25 0.72, at 0.1 0.92
+with 36.5 dB kept outside the object, against 30.1 dB for the same CycleDiffusion edits without a mask (README,
+"Resampling a masked edit").
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ def implicit_mask(
     generator: Generator = None,
     noise: float = 0.5,
     draws: int = 4,
-    threshold: float = 0.5,
+    threshold: float = 0.1,
 ) -> torch.Tensor:
     """The (B, 1, h, w) edit mask in {0, 1} on the latent grid of ``x0``: where the target prompt's clean-image
     estimate departs from the source prompt's, at ``noise`` (share of the chain, 1 = pure noise), averaged over
