@@ -97,7 +97,15 @@ def test_a_painted_mask_keeps_everything_outside(one_thread, studio):
     assert np.abs(pixels(resampled) - pixels(out))[:, : SIZE // 2].max() > 0  # the inside is redrawn
 
 
-def test_auto_mask_edits_only_where_the_prompts_part(one_thread, studio):
+def test_auto_mask_edits_only_where_the_prompts_part(one_thread, studio, monkeypatch):
+    import functools
+    import importlib
+
+    from cyclediffusion.pipelines.implicit_mask import implicit_mask
+
+    # this tiny model's estimates part a little everywhere: read its mask at the cut tests/test_edit.py uses for it
+    edit_module = importlib.import_module("cyclediffusion.pipelines.edit")
+    monkeypatch.setattr(edit_module, "implicit_mask", functools.partial(implicit_mask, threshold=0.3))
     image = picture(6)
     same = studio.edit(image, "a red square", "a red square", guidance=3.0, steps=10, mask="auto")
     assert np.abs(pixels(same) - pixels(image)).max() <= 1  # equal prompts: nothing to edit, whatever the guidance
@@ -280,7 +288,8 @@ def test_ctrl_c_stops_the_server_cleanly(model_dir):
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # it listens, on loopback
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) in (0, 130)  # stopped (130: the interrupt's own exit code)
+        # stopped (130: the interrupt's own exit code); 9-13 s here on an idle machine, over 20 once in a loaded CI run
+        assert proc.wait(timeout=60) in (0, 130)
         assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
