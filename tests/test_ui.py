@@ -282,13 +282,24 @@ def test_ctrl_c_stops_the_server_cleanly(model_dir):
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # it listens, on loopback
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) in (0, 130)  # stopped (130: the interrupt's own exit code)
-        assert "Traceback" not in proc.stderr.read()
+        _, err = proc.communicate(timeout=30)  # (reads both pipes, so a chatty server cannot block on them)
+        assert proc.returncode in (0, 130), err  # stopped (130: the interrupt's own exit code)
+        assert "Traceback" not in err
     finally:
         proc.kill()
     time.sleep(0.5)
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass  # and the port is free again
+
+
+def test_a_stopped_server_process_ends_even_if_a_worker_thread_would_hold_it():
+    """`serve` arms `exit_soon` after the server stops: a stuck non-daemon thread cannot keep the process alive."""
+    script = ("import threading, time\nfrom cyclediffusion.ui import exit_soon\n"
+              "threading.Thread(target=time.sleep, args=(600,)).start()\nexit_soon(0.5)\n")  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and time.monotonic() - start < 30, proc.stderr
+    assert "did not stop" in proc.stderr
 
 
 def test_the_pins_give_a_working_gradio():

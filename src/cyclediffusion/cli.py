@@ -248,12 +248,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .options import from_mapping
 
     try:
-        from .ui import Limits, serve
+        from .ui import Limits, exit_soon, serve
         from .ui.app import build_app  # noqa: F401  (gradio present?)
     except ImportError as err:
         raise UsageError(f"the web UI needs gradio: pip install 'cyclediffusion[ui]' ({err})") from None
     limits = from_mapping(Limits, {k: v for k, v in given_flags(args).items() if k in Limits.__dataclass_fields__})
     serve(args.model, args.target_model, args.host, args.port, limits, device=args.device, dtype=args.dtype)
+    exit_soon()  # stopped: the process ends even if a worker thread would hold it
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

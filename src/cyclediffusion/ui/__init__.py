@@ -4,6 +4,9 @@ Gradio app of :mod:`cyclediffusion.ui.app` on it."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +33,38 @@ def serve(
 
     app = build_app(studio)
     address = launch(app, studio.limits, host, port)
-    print(f"cyclediffusion: serving {studio.model_dir} at {address} (Ctrl-C stops)", flush=True)
     if not block:
+        print(f"cyclediffusion: serving {studio.model_dir} at {address}", flush=True)
         return app
-    try:
+    try:  # from before the address is printed, so that a Ctrl-C right after it is a clean stop too
+        print(f"cyclediffusion: serving {studio.model_dir} at {address} (Ctrl-C stops)", flush=True)
         app.block_thread()
+    except KeyboardInterrupt:
+        pass
     finally:
-        app.close()
+        _stop(app)
     return app
 
 
-__all__ = ["Generated", "InputError", "Limits", "Studio", "serve"]
+def _stop(app: Any, grace_s: float = 10.0) -> None:
+    """Close ``app``, waiting at most ``grace_s`` seconds for it: a server that does not stop in time is left to
+    the process's end (the CLI then calls :func:`exit_soon`)."""
+    closer = threading.Thread(target=app.close, daemon=True)
+    closer.start()
+    closer.join(grace_s)
+
+
+def exit_soon(grace_s: float = 10.0) -> None:
+    """For the CLI after the server stopped: if the interpreter is still waiting on a worker thread ``grace_s``
+    seconds from now, end the process anyway, so that a stopped server never lingers holding its port."""
+
+    def exit_now() -> None:
+        print("cyclediffusion: a worker thread did not stop; exiting", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    watchdog = threading.Timer(grace_s, exit_now)
+    watchdog.daemon = True  # it dies with a process that exits in time
+    watchdog.start()
+
+
+__all__ = ["Generated", "InputError", "Limits", "Studio", "exit_soon", "serve"]
