@@ -92,6 +92,9 @@ def test_a_painted_mask_keeps_everything_outside(one_thread, studio):
     diff = np.abs(pixels(out) - pixels(image))
     assert diff[:, SIZE // 2 :].max() == 0  # outside the mask: the input, exactly
     assert diff[:, : SIZE // 2].max() > 5  # inside: edited
+    resampled = studio.edit(image, "a red square", "a blue circle", guidance=3.0, steps=10, mask=mask, resample=2)
+    assert np.abs(pixels(resampled) - pixels(image))[:, SIZE // 2 :].max() == 0
+    assert np.abs(pixels(resampled) - pixels(out))[:, : SIZE // 2].max() > 0  # the inside is redrawn
 
 
 def test_auto_mask_edits_only_where_the_prompts_part(one_thread, studio, monkeypatch):
@@ -132,6 +135,9 @@ def test_translate_to_the_same_model_gives_back_the_input(one_thread, studio):
         (lambda s: s.edit(picture(), "a red square", "a blue circle", eta=0), "eta must be above 0 for cycle"),
         (lambda s: s.edit(picture(), "a red square", "a blue circle", method="flowedit"), "unknown method"),
         (lambda s: s.edit(picture(), "a red square", "a blue circle", strength=1.5), "strength must be"),
+        (lambda s: s.edit(picture(), "a red square", "a blue circle", resample=1), "paint where to edit"),
+        (lambda s: s.edit(picture(), "a", "b", mask="auto", resample=1.5), "resample passes must be a whole"),
+        (lambda s: s.edit(picture(), "a", "b", mask="auto", resample=9), "at most 4"),
         (
             lambda s: s.edit(
                 picture(),
@@ -282,7 +288,7 @@ def test_ctrl_c_stops_the_server_cleanly(model_dir):
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # it listens, on loopback
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)  # (reads both pipes, so a chatty server cannot block on them)
+        _, err = proc.communicate(timeout=60)  # (reads both pipes, so a chatty server cannot block on them)
         assert proc.returncode in (0, 130), err  # stopped (130: the interrupt's own exit code)
         assert "Traceback" not in err
     finally:

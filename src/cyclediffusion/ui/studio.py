@@ -22,12 +22,14 @@ from ..diffusion import flow as flow_process
 from ..diffusion import gaussian as gaussian_process
 from ..pipelines import CycleDiffusionPipeline, Text2ImagePipeline, translate
 from ..pipelines.base import DEFAULT_STEPS, pick_device
-from ..pipelines.edit import GENERAL_METHODS, MASKED_METHODS, METHODS
+from ..pipelines.edit import GENERAL_METHODS, MASKED_METHODS, METHODS, RESAMPLED_METHODS
 from ..pipelines.storage import find_pipeline
 from ..precision import cast_pipeline
 from .limits import InputError, Limits, check_number, check_prompt
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
+
+MAX_RESAMPLE = 4  # extra passes per masked step a page may ask for (each costs a whole edit's network calls)
 
 
 @dataclass
@@ -132,13 +134,14 @@ class Studio:
         seed: Any = 0,
         mask: Image.Image | str | None = None,
         progress: Progress | None = None,
+        resample: Any = 0,
     ) -> Image.Image:
         """``image`` (shown by ``source_prompt``) edited to show ``prompt``; with ``mask`` (white = edit) only
-        there (``"auto"``: where the model's estimates for the two prompts differ). Inputs are resized to the
-        model's :attr:`image_size`."""
+        there (``"auto"``: where the model's estimates for the two prompts differ), each step taken ``1 +
+        resample`` times (RePaint). Inputs are resized to the model's :attr:`image_size`."""
         method = self.check_choice("method", method, self.methods)
         return self._edit(self.editor, self.editor, image, source_prompt, prompt, method, strength, eta, guidance,
-                          source_guidance, steps, seed, mask, progress)  # fmt: skip
+                          source_guidance, steps, seed, mask, progress, resample)  # fmt: skip
 
     def translate(
         self,
@@ -174,6 +177,7 @@ class Studio:
         seed: Any,
         mask: Image.Image | str | None,
         progress: Progress | None,
+        resample: Any = 0,
     ) -> Image.Image:
         two_models = source is not target
         image = self.model_input(image)
@@ -191,6 +195,11 @@ class Studio:
                 )
             if not isinstance(mask, str):  # "auto": read from the model
                 mask = mask.resize(self.image_size, Image.Resampling.NEAREST)
+        resample = whole_number("resample passes", resample, 0, MAX_RESAMPLE)
+        if resample and mask is None:
+            raise InputError("resampling redraws a masked edit: paint where to edit, or tick the auto mask")
+        if resample and method not in RESAMPLED_METHODS:
+            raise InputError(f"method {method} cannot resample; use {', '.join(RESAMPLED_METHODS)}")
         options = dict(
             strength=strength,
             num_inference_steps=steps,
@@ -199,6 +208,7 @@ class Studio:
             generator=torch.Generator().manual_seed(whole_seed(seed)),
             method=method,
             mask_image=mask,
+            resample=resample,
             callback=step_counter(progress, max(1, int(steps * strength))),
         )
         if guidance not in (None, ""):
@@ -229,6 +239,14 @@ class Studio:
     def card(self) -> str:
         """Markdown: where the model comes from, what it was trained with, its size and its ShapesEval scores."""
         return model_card(self.pipe, self.model_dir)
+
+
+def whole_number(name: str, value: Any, low: int, high: int) -> int:
+    """A whole number in [low, high] from the page's number field."""
+    number = check_number(name, value, low, high)
+    if number != int(number):
+        raise InputError(f"{name} must be a whole number, got {value}")
+    return int(number)
 
 
 def whole_seed(value: Any) -> int:
