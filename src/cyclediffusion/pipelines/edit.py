@@ -108,8 +108,7 @@ def edit(
     tgt = target.prompt_guidance(prompts, guidance_scale, num_images_per_prompt)
     src = source.prompt_guidance(sources, source_guidance_scale, num_images_per_prompt)
     latent_mask = None if mask is None else F.adaptive_max_pool2d(mask, x0.shape[-2:])
-    branches = Branches(source, target, src, tgt, x0, grid, eta, generator, every(callback, callback_steps))
-    branches.resample = resample
+    branches = Branches(source, target, src, tgt, x0, grid, eta, generator, every(callback, callback_steps), resample)
     with count_rows(source, target) as rows:
         if auto_mask:  # read from the model: where the two prompts' estimates part (counted in nfe)
             latent_mask = implicit_mask(source, target, x0, src, tgt, generator)
@@ -175,6 +174,7 @@ class Branches:
         eta: float,
         generator: Generator,
         callback: StepCallback | None,
+        resample: int = 0,
     ) -> None:
         self.source, self.target, self.src, self.tgt = source, target, src, tgt
         self.x0, self.grid, self.eta, self.generator, self.callback = x0, grid, eta, generator, callback
@@ -182,7 +182,7 @@ class Branches:
         self.paired = paired_predictions(source, target, src, tgt)
         self.processor: CouplingProcessor | None = None
         self.shares = (0.0, 0.0)
-        self.resample = 0  # extra passes of every masked step but the last (RePaint)
+        self.resample = resample  # extra passes of every masked step but the last (RePaint)
 
     @contextmanager
     def coupling(
