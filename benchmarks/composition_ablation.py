@@ -75,6 +75,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_lr2": ({**DIT, "mask_padding": True}, {}, {"lr": 2e-3}),
     "dit_muon": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon"}),
     "dit_muon2": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr": 2e-3}),
+    "dit_muon3": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr": 3e-3}),
+    "dit_muon_wsd": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr_schedule": "wsd"}),
     "dit_muon_ddpm": ({**DIT, "mask_padding": True, "scheduler": "ddpm"}, {}, {"optimizer": "muon"}),  # v, cosine
     "dit_muon_p2": ({**DIT, "mask_padding": True, "model_size": "mini/2"}, {}, {"optimizer": "muon"}),  # 16 tokens
     "dit_nopool": ({**DIT, "mask_padding": True, "pooled_text": False}, {}, {}),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import torch
+import yaml
 from PIL import Image
 
 from cyclediffusion import FlowMatching, Text2ImagePipeline
-from cyclediffusion.demo import demo_prompts, run_demo
+from cyclediffusion.demo import LR, demo_prompts, run_demo
+from cyclediffusion.precision import choose_precision
 
 
 def test_demo_writes_models_grid_and_report(tmp_path):
@@ -37,3 +39,6 @@ def test_demo_writes_models_grid_and_report(tmp_path):
     assert pipe.guide is not None  # which the model carries, so that `sample` and `eval` draw as the report did
     for a, b in zip(guide.denoiser.parameters(), pipe.guide.denoiser.parameters()):
         assert torch.equal(a, b)
+    # the learning rate follows the precision this machine trains in (fp32 buys fewer steps: a higher rate)
+    options = yaml.safe_load((out / "t2i" / "options.yaml").read_text())
+    assert options["run"]["lr"] == LR[choose_precision("auto")[0]] and LR["32"] > LR["bf16-mixed"]

@@ -87,6 +87,26 @@ def test_resampling_redraws_only_inside_the_mask_and_costs_its_passes(one_thread
         assert (run("a red square", 2, source_guidance_scale=3.0).images - x0).abs().max() <= 1e-4
 
 
+def test_a_lower_auto_mask_cut_lets_more_of_the_image_change(one_thread):
+    """``mask_threshold`` cuts the mask read from the model: each lower cut marks a superset of the cells a higher
+    one marks, so the edit keeps fewer of the input's pixels exactly; the default is the module's cut."""
+    from cyclediffusion.pipelines.implicit_mask import THRESHOLD
+
+    pipe = cycle_pipeline("unet", "flow", vae=True)
+    image = pictures(1)
+
+    def kept(**cut) -> np.ndarray:
+        out = pipe("a blue circle", "a red square", image, generator=torch.Generator().manual_seed(0), output_type="np",
+                   num_inference_steps=6, guidance_scale=3.0, mask_image="auto", **cut).images[0]  # fmt: skip
+        return (out * 255).round() == (image[0].permute(1, 2, 0).numpy() * 255).round()
+
+    cuts = [kept(mask_threshold=c) for c in (0.05, 0.3, 0.6, 0.95)]
+    shares = [float(k.all(axis=-1).mean()) for k in cuts]
+    assert shares == sorted(shares) and shares[0] < shares[-1], shares
+    assert all((low <= high).all() for low, high in zip(cuts, cuts[1:]))  # a pixel kept at a low cut stays kept
+    assert (kept() == kept(mask_threshold=THRESHOLD)).all()
+
+
 def test_flowedit_cannot_resample():
     pipe = cycle_pipeline("unet", "flow", vae=True)
     with pytest.raises(ValueError, match="cannot resample"):
@@ -139,6 +159,11 @@ def test_network_evaluations_per_edit(one_thread):
         ({"resample": -1, "mask_image": square_mask()}, "whole number"),
         ({"resample": 1.5, "mask_image": square_mask()}, "whole number"),
         ({"resample": 1, "mask_image": square_mask(), "method": "ddim_inversion"}, "no source branch"),
+        ({"mask_threshold": 0.3}, "give mask_image='auto' too"),
+        ({"mask_threshold": 0.3, "mask_image": square_mask()}, "give mask_image='auto' too"),
+        ({"mask_threshold": 0.0, "mask_image": "auto"}, r"mask threshold must be a number in \(0, 1\), got 0.0"),
+        ({"mask_threshold": 1.0, "mask_image": "auto"}, "in \\(0, 1\\)"),
+        ({"mask_threshold": True, "mask_image": "auto"}, "got True"),
     ],
 )
 def test_bad_masks_and_methods_are_refused_clearly(kwargs, message):
@@ -170,3 +195,8 @@ def test_cli_edit_with_a_mask(saved_model, capsys):  # noqa: F811
     assert main([*args, "--mask", str(saved_model / "rgb.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "single-channel" in err[0]
+    assert main([*args, "--mask", "auto", "--mask-threshold", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask threshold must be a number in (0, 1), got 1.5" in err[0]
+    assert main([*args, "--mask", str(saved_model / "mask.png"), "--mask-threshold", "0.3"]) == 2
+    assert "give mask_image='auto' too" in capsys.readouterr().err

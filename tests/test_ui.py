@@ -97,21 +97,17 @@ def test_a_painted_mask_keeps_everything_outside(one_thread, studio):
     assert np.abs(pixels(resampled) - pixels(out))[:, : SIZE // 2].max() > 0  # the inside is redrawn
 
 
-def test_auto_mask_edits_only_where_the_prompts_part(one_thread, studio, monkeypatch):
-    import functools
-    import importlib
-
-    from cyclediffusion.pipelines.implicit_mask import implicit_mask
-
+def test_auto_mask_edits_only_where_the_prompts_part(one_thread, studio):
     # this tiny model's estimates part a little everywhere: read its mask at the cut tests/test_edit.py uses for it
-    edit_module = importlib.import_module("cyclediffusion.pipelines.edit")
-    monkeypatch.setattr(edit_module, "implicit_mask", functools.partial(implicit_mask, threshold=0.3))
     image = picture(6)
-    same = studio.edit(image, "a red square", "a red square", guidance=3.0, steps=10, mask="auto")
+    options = dict(guidance=3.0, steps=10, mask="auto", mask_threshold=0.3)
+    same = studio.edit(image, "a red square", "a red square", **options)
     assert np.abs(pixels(same) - pixels(image)).max() <= 1  # equal prompts: nothing to edit, whatever the guidance
-    changed = studio.edit(image, "a red square", "a blue circle", guidance=3.0, steps=10, mask="auto")
+    changed = studio.edit(image, "a red square", "a blue circle", **options)
     kept = (pixels(changed) == pixels(image)).all(axis=-1)
     assert 0 < kept.mean() < 1  # some cells read as changed, the rest pasted back exactly
+    wider = studio.edit(image, "a red square", "a blue circle", **{**options, "mask_threshold": 0.05})
+    assert (pixels(wider) == pixels(image)).all(axis=-1).mean() < kept.mean()  # a lower cut lets more change
 
 
 def test_translate_to_the_same_model_gives_back_the_input(one_thread, studio):
@@ -138,6 +134,8 @@ def test_translate_to_the_same_model_gives_back_the_input(one_thread, studio):
         (lambda s: s.edit(picture(), "a red square", "a blue circle", resample=1), "paint where to edit"),
         (lambda s: s.edit(picture(), "a", "b", mask="auto", resample=1.5), "resample passes must be a whole"),
         (lambda s: s.edit(picture(), "a", "b", mask="auto", resample=9), "at most 4"),
+        (lambda s: s.edit(picture(), "a", "b", mask="auto", mask_threshold=0), "auto mask cut must be above 0"),
+        (lambda s: s.edit(picture(), "a", "b", mask="auto", mask_threshold=1), "auto mask cut must be above 0"),
         (
             lambda s: s.edit(
                 picture(),

@@ -191,6 +191,7 @@ def edit_options(args: argparse.Namespace) -> dict[str, Any]:
         mask_image=open_mask(mask) if (mask := getattr(args, "mask", None)) not in (None, "auto") else mask,
         coupling=coupling_of(args),
         resample=getattr(args, "resample", 0),
+        mask_threshold=args.mask_threshold,
     )
 
 
@@ -322,6 +323,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parser
 def build_parser() -> Parser:
     from .data.shapes import NUMBERS, ShapesConfig, write_imagefolder
+    from .demo import LR as DEMO_LR
     from .demo import run_demo
     from .eval import evaluate_pipeline
     from .pipelines import Text2ImagePipeline
@@ -331,9 +333,12 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("demo", help="shapes data -> VAE -> text-to-image model -> samples and report")
-    for name, kind in (("out", str), ("minutes", float), ("lr", float), ("seed", int)):
+    for name, kind in (("out", str), ("minutes", float), ("seed", int)):
         default = api_default(run_demo, name)
         flag(p, f"--{name}", type=kind, default=default, help=f"(default {default})")
+    flag(p, "--lr", type=float, default=None, help=f"the text-to-image model's learning rate (default: "
+         f"{DEMO_LR['bf16-mixed']:g} where it trains in bf16, {DEMO_LR['32']:g} in fp32, where the minutes buy "
+         "fewer steps)")  # fmt: skip
     flag(p, "--model-size", default=None, help="size of the backbone (default: DiT tiny, U-Net small)")
     flag(p, "--backbone", choices=["unet", "dit"], default=api_default(run_demo, "backbone"))
     flag(p, "--n", type=positive_int, default=api_default(run_demo, "n"), help="number of training images")
@@ -482,6 +487,9 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--couple-cross", type=float, default=None, help="share of the steps the target reuses the source's "
          "cross-attention for shared words (prompt-to-prompt; default with --couple-self: 0.8)")  # fmt: skip
     flag(p, "--couple-self", type=float, default=None, help="share of the steps it reuses the source's self-attention")
+    flag(p, "--mask-threshold", type=float, default=api_default(call, "mask_threshold"), help="with --mask auto: "
+         "where the mask is cut, as a share of the largest difference of the two prompts' estimates, in (0, 1); "
+         "lower edits more of the image")  # fmt: skip
     flag(p, "--resample", type=int, default=api_default(call, "resample"), help="with --mask: take each step "
          "1 + N times, noising back up in between (RePaint), so the change is drawn inside the mask")  # fmt: skip
     flag(p, "--strength", type=float, default=api_default(call, "strength"), help="how far into the chain, in [0, 1]")

@@ -27,6 +27,7 @@ from ..images import ImageInput
 from .base import DiffusionPipeline, ImagePipelineOutput
 from .coupling import AttentionCoupling
 from .edit import MaskInput, edit
+from .implicit_mask import THRESHOLD
 from .storage import INDEX_NAME, resolve_model_dir
 
 DIFFUSERS_GUIDANCE = 7.5  # diffusers' default guidance for Stable Diffusion, used for its components
@@ -86,6 +87,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
         mask_image: MaskInput | None = None,
         coupling: AttentionCoupling | None = None,
         resample: int = 0,
+        mask_threshold: float = THRESHOLD,
     ) -> ImagePipelineOutput:
         """Edit ``image`` (described by ``source_prompt``) so that it shows ``prompt``.
 
@@ -112,6 +114,8 @@ class CycleDiffusionPipeline(DiffusionPipeline):
             resample: with a mask (``cycle``, ``ef_ddpm``, ``sdedit``), take every step but the last ``1 +
                 resample`` times, noising the blended branches back up in between (RePaint): the target draws its
                 change inside the mask instead of beside it. Costs ``1 + resample`` times the network calls.
+            mask_threshold: with ``mask_image="auto"``, where the mask is cut, as a share of the largest
+                difference of the two prompts' estimates in (0, 1): lower marks more of the image as editable.
 
         Returns the images, with ``nfe``: denoiser evaluations per edited image.
         """
@@ -135,6 +139,7 @@ class CycleDiffusionPipeline(DiffusionPipeline):
             mask_image=mask_image,
             coupling=coupling,
             resample=resample,
+            mask_threshold=mask_threshold,
         )
 
 

@@ -42,7 +42,7 @@ from ..diffusion.flow import FlowMatching
 from ..images import ImageInput, images_to_tensor
 from .base import DiffusionPipeline, Guidance, ImagePipelineOutput, as_list, broadcast_list, every, expand_rows
 from .coupling import AttentionCoupling, CouplingProcessor, coupled, token_map
-from .implicit_mask import implicit_mask
+from .implicit_mask import THRESHOLD, check_threshold, implicit_mask
 
 METHODS = ("cycle", "ef_ddpm", "ddim_inversion", "sdedit", "flowedit")
 FLOW_METHODS = ("flowedit",)  # flow-matching models only
@@ -73,12 +73,16 @@ def edit(
     mask_image: MaskInput | None = None,
     coupling: AttentionCoupling | None = None,
     resample: int = 0,
+    mask_threshold: float = THRESHOLD,
 ) -> ImagePipelineOutput:
     """Encode ``image`` with the ``source`` pipeline and decode it with the ``target`` pipeline (the same object
     for an edit, two models for a translation); see :class:`~.cycle.CycleDiffusionPipeline` for the arguments.
     The output's ``nfe`` is the number of denoiser evaluations per edited image."""
     check_arguments(source, method, eta, strength, num_inference_steps, num_images_per_prompt, mask_image)
     check_resample(resample, method, mask_image)
+    check_threshold(mask_threshold)
+    if mask_threshold != THRESHOLD and not isinstance(mask_image, str):
+        raise ValueError("mask_threshold cuts the mask read from the model: give mask_image='auto' too")
     if coupling is not None:
         if not isinstance(coupling, AttentionCoupling):
             raise TypeError(f"coupling must be an AttentionCoupling, got {type(coupling).__name__}")
@@ -111,7 +115,7 @@ def edit(
     branches = Branches(source, target, src, tgt, x0, grid, eta, generator, every(callback, callback_steps), resample)
     with count_rows(source, target) as rows:
         if auto_mask:  # read from the model: where the two prompts' estimates part (counted in nfe)
-            latent_mask = implicit_mask(source, target, x0, src, tgt, generator)
+            latent_mask = implicit_mask(source, target, x0, src, tgt, generator, threshold=mask_threshold)
             mask = F.interpolate(latent_mask, scale_factor=source.latent_factor, mode="nearest")
         with branches.coupling(coupling, sources, prompts, num_images_per_prompt):
             x = getattr(branches, method)(latent_mask)

@@ -20,6 +20,8 @@ import torch
 from ..diffusion.base import Generator, randn
 from .base import DiffusionPipeline, Guidance
 
+THRESHOLD = 0.1  # the cut, as a share of the image's largest difference (the module's docstring says why)
+
 
 @torch.no_grad()
 def implicit_mask(
@@ -31,15 +33,14 @@ def implicit_mask(
     generator: Generator = None,
     noise: float = 0.5,
     draws: int = 4,
-    threshold: float = 0.1,
+    threshold: float = THRESHOLD,
 ) -> torch.Tensor:
     """The (B, 1, h, w) edit mask in {0, 1} on the latent grid of ``x0``: where the target prompt's clean-image
     estimate departs from the source prompt's, at ``noise`` (share of the chain, 1 = pure noise), averaged over
     ``draws`` noisings. ``src`` and ``tgt`` are read unguided (their conditional states only)."""
     if not 0 < noise <= 1:
         raise ValueError(f"noise must be in (0, 1], got {noise}")
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    check_threshold(threshold)
     process = source.noise_process
     steps = 20
     grid = process.grid(steps)
@@ -60,3 +61,9 @@ def implicit_mask(
     peak = difference.amax(dim=(1, 2, 3), keepdim=True)
     scaled = torch.where(peak > 0, difference / peak.clamp_min(1e-12), torch.zeros_like(difference))
     return (scaled >= threshold).to(x0.dtype) * (peak > 1e-6 * draws).to(x0.dtype)
+
+
+def check_threshold(threshold: float) -> None:
+    """The cut must leave both sides possible: a share of the largest difference strictly inside (0, 1)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"mask threshold must be a number in (0, 1), got {threshold!r}")

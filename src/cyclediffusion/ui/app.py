@@ -18,8 +18,9 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..pipelines.implicit_mask import THRESHOLD  # noqa: E402
 from .limits import InputError, Limits  # noqa: E402
-from .studio import MAX_RESAMPLE, Studio, mask_from_strokes  # noqa: E402
+from .studio import MAX_MASK_THRESHOLD, MAX_RESAMPLE, Studio, mask_from_strokes  # noqa: E402
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
@@ -89,13 +90,13 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
 
     @page_errors
     def edit(value, source_prompt, prompt, method, strength, eta, guidance, source_guidance, steps, seed,
-             auto_mask=False, resample=0, progress=gr.Progress()):  # noqa: B008  # fmt: skip
+             auto_mask=False, resample=0, mask_threshold=THRESHOLD, progress=gr.Progress()):  # noqa: B008  # fmt: skip
         image = limits.image((value or {}).get("background"))
         mask = mask_from_strokes((value or {}).get("layers"), image.size)
         if mask is None and auto_mask:
             mask = "auto"
         result = studio.edit(image, source_prompt, prompt, method, strength, eta, guidance, source_guidance, steps,
-                             seed, mask, reporter(progress), resample)  # fmt: skip
+                             seed, mask, reporter(progress), resample, mask_threshold)  # fmt: skip
         return studio.model_input(image), result
 
     @page_errors
@@ -165,6 +166,8 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                                                elem_id="edit-target")  # fmt: skip
                     method = gr.Dropdown(list(studio.methods), value="cycle", label="method")
                     auto_mask = gr.Checkbox(False, label="no paint: edit only where the two prompts differ (auto mask)")
+                    mask_threshold = gr.Slider(0.05, MAX_MASK_THRESHOLD, value=THRESHOLD, step=0.05,
+                                               label="auto mask cut (lower: more of the image may change)")  # fmt: skip
                     resample = gr.Slider(0, MAX_RESAMPLE, value=0, step=1, label="with a mask: resample passes "
                                          "(each step redrawn inside the mask; 2 is a good choice)")  # fmt: skip
                     with gr.Row():
@@ -181,7 +184,8 @@ def build_app(studio: Studio, title: str = "cyclediffusion") -> gr.Blocks:
                     result = shown_image("result", elem_id="edit-result")
             draw_button.click(draw, [source_prompt, edit_seed], editor, api_name="draw")
             edit_button.click(edit, [editor, source_prompt, target_prompt, method, strength, eta, edit_guidance,
-                                     source_guidance, edit_steps, edit_seed, auto_mask, resample],
+                                     source_guidance, edit_steps, edit_seed, auto_mask, resample,
+                                     mask_threshold],
                               [shown_source, result],
                               api_name="edit")  # fmt: skip
 

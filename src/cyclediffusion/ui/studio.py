@@ -23,6 +23,7 @@ from ..diffusion import gaussian as gaussian_process
 from ..pipelines import CycleDiffusionPipeline, Text2ImagePipeline, translate
 from ..pipelines.base import DEFAULT_STEPS, pick_device
 from ..pipelines.edit import GENERAL_METHODS, MASKED_METHODS, METHODS, RESAMPLED_METHODS
+from ..pipelines.implicit_mask import THRESHOLD
 from ..pipelines.storage import find_pipeline
 from ..precision import cast_pipeline
 from .limits import InputError, Limits, check_number, check_prompt
@@ -30,6 +31,7 @@ from .limits import InputError, Limits, check_number, check_prompt
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
 MAX_RESAMPLE = 4  # extra passes per masked step a page may ask for (each costs a whole edit's network calls)
+MAX_MASK_THRESHOLD = 0.95  # the highest cut of the auto mask a page may ask for (1 would mark nothing)
 
 
 @dataclass
@@ -135,13 +137,15 @@ class Studio:
         mask: Image.Image | str | None = None,
         progress: Progress | None = None,
         resample: Any = 0,
+        mask_threshold: Any = THRESHOLD,
     ) -> Image.Image:
         """``image`` (shown by ``source_prompt``) edited to show ``prompt``; with ``mask`` (white = edit) only
-        there (``"auto"``: where the model's estimates for the two prompts differ), each step taken ``1 +
-        resample`` times (RePaint). Inputs are resized to the model's :attr:`image_size`."""
+        there (``"auto"``: where the model's estimates for the two prompts differ by more than ``mask_threshold``
+        of their largest difference), each step taken ``1 + resample`` times (RePaint). Inputs are resized to the
+        model's :attr:`image_size`."""
         method = self.check_choice("method", method, self.methods)
         return self._edit(self.editor, self.editor, image, source_prompt, prompt, method, strength, eta, guidance,
-                          source_guidance, steps, seed, mask, progress, resample)  # fmt: skip
+                          source_guidance, steps, seed, mask, progress, resample, mask_threshold)  # fmt: skip
 
     def translate(
         self,
@@ -178,6 +182,7 @@ class Studio:
         mask: Image.Image | str | None,
         progress: Progress | None,
         resample: Any = 0,
+        mask_threshold: Any = THRESHOLD,
     ) -> Image.Image:
         two_models = source is not target
         image = self.model_input(image)
@@ -211,6 +216,8 @@ class Studio:
             resample=resample,
             callback=step_counter(progress, max(1, int(steps * strength))),
         )
+        if mask == "auto":  # a painted mask has no cut
+            options["mask_threshold"] = check_number("auto mask cut", mask_threshold, 0.0, MAX_MASK_THRESHOLD, True)
         if guidance not in (None, ""):
             options["guidance_scale"] = check_number("guidance", guidance, 0.0)
         if two_models:
