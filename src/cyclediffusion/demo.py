@@ -73,7 +73,7 @@ GUIDE_SHARE = 0.5
 # On an AVX2-only CPU (fp32, about 970 steps in those 6.8 minutes; three seeds) 0.772 against 0.567 (README, top).
 OPTIMIZER = "muon"
 # The learning rate follows the steps the ten minutes buy. Where training runs in bf16 (a GPU, or a CPU with
-# AVX512_BF16 or AMX: about 2300 text-to-image steps on 2 cores) Muon at 1e-3 scores as well as at 2e-3 (overall
+# AVX512_BF16 or AMX: 2100-2500 text-to-image steps on 2 cores) Muon at 1e-3 scores as well as at 2e-3 (overall
 # 0.924 against 0.911, two seeds). In fp32 on an AVX2-only pair of cores the same minutes buy about 1000 steps, and
 # 2e-3 wins on every one of three seeds: overall 0.854 against 0.811, binding 0.46 against 0.32 (README, top).
 LR = {"bf16-mixed": 1e-3, "32": 2e-3}
