@@ -51,6 +51,7 @@ NO_CYCLE = CycleConfig(weight=0.0)  # the captioner as REPA's encoder only
 DIT = {"backbone": BACKBONE, "model_size": MODEL_SIZE}
 CAPTIONS = {"kinds": {"single": 0.4, "count": 0.2, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}  # the demo's now
 PAIRS = {"kinds": {"single": 0.3, "count": 0.2, "pair": 0.3, "relation": 0.2}, "p_position": 0.8}
+COUNTS = {"kinds": {"single": 0.3, "count": 0.3, "pair": 0.2, "relation": 0.2}, "p_position": 0.8}
 SINGLE70 = {"kinds": {"single": 0.7, "count": 0.1, "pair": 0.1, "relation": 0.1}, "p_position": 0.5}  # until 12-05
 # name -> (model option overrides, caption-world overrides, run option overrides)
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
@@ -76,6 +77,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_muon": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon"}),
     "dit_muon2": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr": 2e-3}),
     "dit_muon3": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr": 3e-3}),
+    "dit_muon2_counts": ({**DIT, "mask_padding": True}, COUNTS, {"optimizer": "muon", "lr": 2e-3}),
     "dit_muon_wsd": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr_schedule": "wsd"}),
     "dit_muon_ddpm": ({**DIT, "mask_padding": True, "scheduler": "ddpm"}, {}, {"optimizer": "muon"}),  # v, cosine
     "dit_muon_p2": ({**DIT, "mask_padding": True, "model_size": "mini/2"}, {}, {"optimizer": "muon"}),  # 16 tokens
