@@ -375,6 +375,8 @@ def test_cli_train_then_sample_writes_png(tmp_path, monkeypatch):
         (["train", "--data", "d", "--out", "r", "--steps", "1", "--backbone", "rnn"], "invalid choice"),
         (["train", "--data", "d", "--out", "r", "--steps", "1", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (["train", "--data", "d", "--out", "r", "--steps", "1", "--snr-gamma", "-1"], "must be non-negative"),
+        (["train", "--data", "d", "--out", "r", "--steps", "1", "--lr", "0"], "must be positive, got 0"),
+        (["demo", "--lr", "0"], "must be positive, got 0"),
         (["frobnicate"], "invalid choice"),
     ],
 )

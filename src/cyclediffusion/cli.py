@@ -20,7 +20,7 @@ from .options import add_flags, given_flags, read_config, resolve, spellings
 from .pipelines.base import DEFAULT_STEPS, pick_device
 from .pipelines.text2image import GUIDE_SCALE
 from .precision import cast_pipeline
-from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_int
+from .training.options import COMMANDS, RECIPE_DEFAULTS, DataOptions, positive_float, positive_int
 
 log = logging.getLogger("cyclediffusion")
 SAMPLER_CHOICES = tuple(dict.fromkeys(gaussian.SAMPLERS + flow.SAMPLERS))  # every noise process's samplers
@@ -336,7 +336,7 @@ def build_parser() -> Parser:
     for name, kind in (("out", str), ("minutes", float), ("seed", int)):
         default = api_default(run_demo, name)
         flag(p, f"--{name}", type=kind, default=default, help=f"(default {default})")
-    flag(p, "--lr", type=float, default=None, help=f"the text-to-image model's learning rate (default: "
+    flag(p, "--lr", type=positive_float, default=None, help=f"the text-to-image model's learning rate (default: "
          f"{DEMO_LR['bf16-mixed']:g} where it trains in bf16, {DEMO_LR['32']:g} in fp32, where the minutes buy "
          "fewer steps)")  # fmt: skip
     flag(p, "--model-size", default=None, help="size of the backbone (default: DiT tiny, U-Net small)")

@@ -34,6 +34,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -77,7 +84,7 @@ class RunOptions:
     epochs: float | None = option(None, "epochs (instead of --steps)")
     minutes: float | None = option(None, "wall-time budget (alone or as a cap)")
     batch_size: int = option(64, "batch size per device", parse=positive_int)
-    lr: float = option(1e-3, "peak learning rate", aliases=("learning_rate",))
+    lr: float = option(1e-3, "peak learning rate", aliases=("learning_rate",), parse=positive_float)
     wd: float = option(0.0, "weight decay of the weight matrices", aliases=("weight_decay",))
     optimizer: str = option(
         "adamw", "adamw, or muon: Muon (orthogonalised momentum) for the hidden layers' weight matrices at the same "
