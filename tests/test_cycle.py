@@ -215,9 +215,10 @@ def test_cli_fine_tune_with_the_cycle_loss(tmp_path, monkeypatch, one_thread):
     train_text2image(DataOptions(data=str(data), image_size=16), tiny_run(tmp_path / "base", steps=2), tiny_model())
     flags = ["--data", str(data), "--image-size", "16", "--steps", "2", "--batch-size", "4", "--log-every", "1"]
     args = ["train", *flags, "--out", "ft", "--init-from", "base", "--captioner", captioner, "--cycle-weight", "0.5"]
-    assert run_cli(*args, "--lr", "0", "--cycle-fraction", "0.5", cwd=tmp_path, monkeypatch=monkeypatch) == 0
+    assert run_cli(*args, "--lr", "1e-12", "--cycle-fraction", "0.5", cwd=tmp_path, monkeypatch=monkeypatch) == 0
     base, tuned = final_weights(tmp_path / "base"), final_weights(tmp_path / "ft")
-    assert all(torch.equal(base[k], tuned[k]) for k in base)  # lr 0: the starting weights, loaded exactly
+    for key in base:  # a vanishing rate: the starting weights, loaded (a fresh init would be ~0.1 away)
+        torch.testing.assert_close(tuned[key], base[key], atol=1e-9, rtol=0, msg=key)
     for part in ("tokenizer/tokenizer.json", "noise_process/config.json"):
         assert (tmp_path / "base" / "model" / part).read_text() == (tmp_path / "ft" / "model" / part).read_text()
     assert "train/cycle_loss" in metrics(tmp_path / "ft")[-1]
