@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 from PIL import Image
 
-from cyclediffusion import FlowMatching, Text2ImagePipeline
-from cyclediffusion.demo import LR, demo_prompts, run_demo
-from cyclediffusion.precision import choose_precision
+from cyclediffusion import FlowMatching, Text2ImagePipeline, precision
+from cyclediffusion.demo import LR, demo_lr, demo_prompts, run_demo
 
 
 def test_demo_writes_models_grid_and_report(tmp_path):
@@ -39,6 +39,23 @@ def test_demo_writes_models_grid_and_report(tmp_path):
     assert pipe.guide is not None  # which the model carries, so that `sample` and `eval` draw as the report did
     for a, b in zip(guide.denoiser.parameters(), pipe.guide.denoiser.parameters()):
         assert torch.equal(a, b)
-    # the learning rate follows the precision this machine trains in (fp32 buys fewer steps: a higher rate)
     options = yaml.safe_load((out / "t2i" / "options.yaml").read_text())
-    assert options["run"]["lr"] == LR[choose_precision("auto")[0]] and LR["32"] > LR["bf16-mixed"]
+    assert options["run"]["lr"] == demo_lr()  # the rate for this machine's speed
+
+
+@pytest.mark.parametrize(
+    "cuda,gpu_bf16,cpu_bf16,rate",
+    [
+        (False, False, False, "cpu-fp32"),  # an AVX2-only CPU: fp32, about 1000 steps in the demo
+        (False, False, True, "fast"),  # AVX512_BF16 or AMX: bf16, 2100-2500 steps
+        (True, True, False, "fast"),
+        (True, False, False, "fast"),  # a GPU without bf16 trains in fp32 but still makes many steps
+    ],
+)
+def test_the_demo_rate_follows_the_machine_speed(monkeypatch, cuda, gpu_bf16, cpu_bf16, rate):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: gpu_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: (cpu_bf16, "flags"))
+    assert demo_lr() == LR[rate]
+    assert LR["cpu-fp32"] > LR["fast"]

@@ -337,8 +337,8 @@ def build_parser() -> Parser:
         default = api_default(run_demo, name)
         flag(p, f"--{name}", type=kind, default=default, help=f"(default {default})")
     flag(p, "--lr", type=positive_float, default=None, help=f"the text-to-image model's learning rate (default: "
-         f"{DEMO_LR['bf16-mixed']:g} where it trains in bf16, {DEMO_LR['32']:g} in fp32, where the minutes buy "
-         "fewer steps)")  # fmt: skip
+         f"{DEMO_LR['cpu-fp32']:g} on a CPU without native bf16, where the minutes buy fewer steps, else "
+         f"{DEMO_LR['fast']:g})")  # fmt: skip
     flag(p, "--model-size", default=None, help="size of the backbone (default: DiT tiny, U-Net small)")
     flag(p, "--backbone", choices=["unet", "dit"], default=api_default(run_demo, "backbone"))
     flag(p, "--n", type=positive_int, default=api_default(run_demo, "n"), help="number of training images")
