@@ -251,3 +251,33 @@ def test_ema_tracks_quick(capsys, tmp_path):
     torch.testing.assert_close(slow[key], model[key.split(".", 1)[1]])
     assert not torch.equal(fast[key], slow[key]) and not torch.equal(raw[key], slow[key])
     assert 0 <= row["raw"]["overall"] <= 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_guidance_screen_quick(capsys, tmp_path):
+    bench = load("guidance_screen")
+    u, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    # CFG-Zero*'s scale is the least-squares fit of cond by uncond: a multiple of uncond is kept whole, and a cond
+    # orthogonal to uncond is guided from zero
+    torch.testing.assert_close(bench.optimised_scale_guidance(u, 3 * u, 4.0), 3 * u)
+    ortho = v - (v * u).sum((1, 2, 3), keepdim=True) / (u * u).sum((1, 2, 3), keepdim=True) * u
+    torch.testing.assert_close(bench.optimised_scale_guidance(u, ortho, 4.0), 4 * ortho, atol=1e-5, rtol=1e-5)
+    rows = bench.main(
+        ["--quick", "--out", str(tmp_path), "--sampling-seeds", "0", "--variants", "shift1,shift3,cfgstar,cfgstar2"]
+    )
+    assert [r["variant"] for r in rows] == ["plain", "shift1", "shift3", "cfgstar", "cfgstar2"]
+    categories = [k for k in rows[0] if k not in ("model", "seed", "variant")]
+    assert all(rows[1][c] == rows[0][c] for c in categories)  # shift 1 is the plain sampler, same seeds
+    assert "| cfgstar2 | 1 |" in capsys.readouterr().out
+    pipe = Text2ImagePipeline.from_pretrained(rows[0]["model"])
+    noise = torch.randn(1, *pipe.latent_shape(1, None, None)[1:], generator=torch.Generator().manual_seed(0))
+
+    def sample(variant):
+        bench.apply_variant(pipe, variant, 1.0)
+        return pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, latents=noise, output_type="latent")
+
+    plain = sample("plain").images
+    assert not torch.allclose(sample("cfgstar").images, plain)
+    assert not torch.allclose(sample("shift3").images, plain)
+    torch.testing.assert_close(sample("cfgstar2").images, noise)  # both steps zeroed: the start is returned
+    torch.testing.assert_close(sample("plain").images, plain)  # and each variant is undone by the next

@@ -1,0 +1,163 @@
+"""Sampling-time variants screened on trained models, paired: every variant samples each model from the same seeds.
+
+Variants (a one-off patch of the guided prediction, not part of the library):
+
+- ``plain``: the pipeline's own sampling (classifier-free guidance, and autoguidance where a guide is given).
+- ``shiftS``: the flow time grid pushed towards the noisy end by ``S`` (``FlowConfig.shift``; 1 is ``plain``).
+- ``cfgstar``: CFG-Zero*'s optimised scale (Fan et al. 2025): the unconditional prediction is scaled by
+  ``s = <cond, uncond> / |uncond|^2`` (per image) before guidance, ``s uncond + w (cond - s uncond)``.
+- ``cfgstarK``: the same, with the first ``K`` sampler steps' prediction set to zero (CFG-Zero*'s zero-init).
+
+Model ``i`` of ``--models`` samples with seeds ``s + i`` for each ``s`` of ``--sampling-seeds``; the table gives each
+variant's mean and its paired difference from ``plain`` (mean ± std over models x seeds).
+
+    python benchmarks/guidance_screen.py --demo runs/demo --out runs/guidance_screen \\
+        --models runs/lr_avx2/dit_muon2_s0/model,runs/lr_avx2/dit_muon2_s1/model,runs/lr_avx2/dit_muon2_s2/model \\
+        --variants plain,shift2,shift3,cfgstar,cfgstar1,cfgstar2 --sampling-seeds 0,100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+from common import machine_line, training_device, versions_line
+from composition_ablation import demo_holdout, quick_demo, variant_model
+
+from cyclediffusion.demo import IMAGE_SIZE
+from cyclediffusion.eval import build_suite, evaluate_pipeline
+from cyclediffusion.pipelines import Text2ImagePipeline
+from cyclediffusion.pipelines.base import Guidance, SelfCondition
+from cyclediffusion.training import DataOptions, RunOptions, train_text2image
+
+VARIANT = re.compile(r"plain|shift(\d+(\.\d+)?)|cfgstar(\d*)")
+
+
+def optimised_scale_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """CFG-Zero*'s guided prediction: ``s uncond + scale (cond - s uncond)``, ``s`` the least-squares fit of
+    ``cond`` by ``uncond`` per image."""
+    dims = tuple(range(1, uncond.ndim))
+    s = (cond * uncond).sum(dims, keepdim=True) / (uncond * uncond).sum(dims, keepdim=True).clamp_min(1e-12)
+    return s * uncond + scale * (cond - s * uncond)
+
+
+def apply_variant(pipe: Text2ImagePipeline, variant: str, base_shift: float | None = None) -> None:
+    """Set ``pipe`` to sample as ``variant``, undoing any earlier one (``base_shift``: the model's own time-grid
+    shift, restored by the other variants; flow models only)."""
+    for name in ("guided_model_fn", "autoguided_model_fn"):
+        pipe.__dict__.pop(name, None)  # back to the class's methods
+    shift = re.fullmatch(r"shift(.+)", variant)
+    if shift and not hasattr(pipe.noise_process.config, "shift"):
+        raise ValueError(f"{variant}: only flow-matching models have a time-grid shift")
+    if shift or base_shift is not None:
+        pipe.noise_process.config.shift = float(shift.group(1)) if shift else base_shift
+    if not variant.startswith("cfgstar"):
+        return
+    zero_steps = int(variant[len("cfgstar") :] or 0)
+
+    def star(calls: list[int], uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+        calls[0] += 1
+        guided = optimised_scale_guidance(uncond, cond, scale)
+        return torch.zeros_like(guided) if calls[0] <= zero_steps else guided
+
+    def guided_model_fn(cond, uncond, scale):
+        state, calls = SelfCondition(), [0]
+
+        def fn(x, t):
+            u, c = pipe.guided_predictions([x, x], t, [Guidance(uncond), Guidance(cond)], state)
+            return star(calls, u, c, scale)
+
+        return fn
+
+    def autoguided_model_fn(guidance, guide, guide_cond, guide_scale):
+        guide_fn, state, calls = guide.guided_model_fn(guide_cond, None, 1.0), SelfCondition(), [0]
+
+        def fn(x, t):
+            u, c = pipe.guided_predictions([x, x], t, [Guidance(guidance.uncond), Guidance(guidance.cond)], state)
+            return star(calls, u, c, guidance.scale) + guide_scale * (c - guide_fn(x, t))
+
+        return fn
+
+    pipe.guided_model_fn, pipe.autoguided_model_fn = guided_model_fn, autoguided_model_fn
+
+
+def quick_model(out: Path) -> tuple[Path, Path]:
+    """``--quick``: a tiny demo folder and a model trained on it for two steps."""
+    demo = quick_demo(out / "demo")
+    options = RunOptions(out=str(out / "model"), steps=2, batch_size=16, warmup=1, progress=False, resume=False)
+    data = DataOptions(data=str(demo / "data"), image_size=IMAGE_SIZE, cache_latents=True)
+    return demo, train_text2image(data, options, variant_model("dit_mask", demo, quick=True))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", default="runs/demo", help="the demo run the models trained on (its held-out pair)")
+    parser.add_argument("--models", default="", help="comma-separated model folders")
+    parser.add_argument("--guides", default="", help="comma-separated autoguidance guides, one per model (optional)")
+    parser.add_argument("--variants", default="plain,shift2,cfgstar", help="comma-separated; see the docstring")
+    parser.add_argument("--sampling-seeds", default="0,100", help="model i samples with seed s + i for each s")
+    parser.add_argument("--guidance", type=float, default=None, help="default: each model's own")
+    parser.add_argument("--guide-scale", type=float, default=None, help="autoguidance weight (0: none)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--out", default="runs/guidance_screen")
+    parser.add_argument("--quick", action="store_true", help="a tiny model trained for two steps (for the tests)")
+    args = parser.parse_args(argv)
+    out, variants = Path(args.out), args.variants.split(",")
+    if unknown := [v for v in variants if not VARIANT.fullmatch(v)]:
+        parser.error(f"unknown variant {unknown[0]!r}; choose plain, shiftS, cfgstar or cfgstarK")
+    if "plain" not in variants:
+        variants.insert(0, "plain")  # the reference of every paired difference
+    if args.quick:
+        demo, model = quick_model(out)
+        models, steps, spp, per_kind = [model], 2, 1, 2
+    else:
+        demo, models = Path(args.demo), [Path(m) for m in args.models.split(",") if m]
+        steps, spp, per_kind = args.steps, args.samples_per_prompt, 20
+    if not models:
+        parser.error("give --models (or --quick)")
+    guides = [Path(g) for g in args.guides.split(",") if g]
+    if guides and len(guides) != len(models):
+        parser.error(f"--guides names {len(guides)} guides for {len(models)} models")
+    device = training_device()[0]
+    suite = build_suite(per_kind=per_kind, held_out=demo_holdout(demo))
+    rows: list[dict] = []
+    for i, model in enumerate(models):
+        pipe = Text2ImagePipeline.from_pretrained(model, device=device)
+        if guides:
+            pipe.guide = pipe.check_guide(Text2ImagePipeline.from_pretrained(guides[i], device=device))
+        base_shift = getattr(pipe.noise_process.config, "shift", None)
+        for seed in [int(s) + i for s in args.sampling_seeds.split(",")]:
+            for variant in variants:
+                apply_variant(pipe, variant, base_shift)
+                report = evaluate_pipeline(
+                    pipe, suite, spp, num_inference_steps=steps, guidance_scale=args.guidance, seed=seed,
+                    progress=False, guide_scale=args.guide_scale,
+                )  # fmt: skip
+                rows.append({"model": str(model), "seed": seed, "variant": variant, "overall": report.overall,
+                             **report.accuracy})  # fmt: skip
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "guidance_screen.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(machine_line(device))
+    print(versions_line())
+    categories = [k for k in rows[0] if k not in ("model", "seed", "variant")]
+    plain = {(r["model"], r["seed"]): r for r in rows if r["variant"] == "plain"}
+    print("| variant | n | " + " | ".join(categories) + " |")
+    print("| --- | ---: |" + " ---: |" * len(categories))
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        cells = []
+        for c in categories:
+            diffs = [r[c] - plain[r["model"], r["seed"]][c] for r in mine]
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            cells.append(f"{statistics.mean(r[c] for r in mine):.3f} ({statistics.mean(diffs):+.3f} ± {spread:.3f})")
+        print(f"| {variant} | {len(mine)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
