@@ -19,7 +19,7 @@ from .data.shapes import ShapesConfig, ensure_imagefolder
 from .images import make_grid, save_image
 from .pipelines import Text2ImagePipeline
 from .pipelines.text2image import GUIDE_GUIDANCE, GUIDE_SCALE
-from .precision import choose_precision
+from .precision import choose_precision, uses_cuda
 from .recipes import DEFAULT_GUIDANCE
 from .training.options import DataOptions, ModelOptions, RunOptions, VAEOptions
 
@@ -83,11 +83,11 @@ VAE_MIN_SHARE = 0.22
 VAE_SHARE = 0.35
 
 
-def demo_lr() -> float:
+def demo_lr(precision: str | None = None) -> float:
     """The demo's text-to-image learning rate on this machine: :data:`LR` for a CPU without native bf16, where
-    the minutes buy about 1000 steps, or for everything faster."""
-    slow = choose_precision("auto")[0] == "32" and not torch.cuda.is_available()
-    return LR["cpu-fp32" if slow else "fast"]
+    the minutes buy about 1000 steps, or for everything faster (``precision``: the one ``auto`` chose, if known)."""
+    precision = precision or choose_precision("auto")[0]
+    return LR["cpu-fp32" if precision == "32" and not uses_cuda() else "fast"]
 
 
 def demo_prompts() -> list[str]:
@@ -134,7 +134,7 @@ def run_demo(
     deadline = start + minutes * 60
     timings: dict[str, float] = {}
     precision = choose_precision("auto")[0]
-    lr = demo_lr() if lr is None else lr
+    lr = demo_lr(precision) if lr is None else lr
 
     for stale in ("vae", "t2i"):  # a demo starts afresh (the data is kept)
         shutil.rmtree(out / stale, ignore_errors=True)
