@@ -7,6 +7,9 @@ Variants (a one-off patch of the guided prediction, not part of the library):
 - ``cfgstar``: CFG-Zero*'s optimised scale (Fan et al. 2025): the unconditional prediction is scaled by
   ``s = <cond, uncond> / |uncond|^2`` (per image) before guidance, ``s uncond + w (cond - s uncond)``.
 - ``cfgstarK``: the same, with the first ``K`` sampler steps' prediction set to zero (CFG-Zero*'s zero-init).
+- ``intervalA-B``: guidance (classifier-free, and autoguidance where a guide is given) only while the flow time is in
+  ``[A, B]`` (1 is pure noise), the conditional prediction alone elsewhere (Kynkäänniemi et al. 2024, "Applying
+  guidance in a limited interval").
 
 Model ``i`` of ``--models`` samples with seeds ``s + i`` for each ``s`` of ``--sampling-seeds``; the table gives each
 variant's mean and its paired difference from ``plain`` (mean ± std over models x seeds).
@@ -34,7 +37,8 @@ from cyclediffusion.pipelines import Text2ImagePipeline
 from cyclediffusion.pipelines.base import Guidance, SelfCondition
 from cyclediffusion.training import DataOptions, RunOptions, train_text2image
 
-VARIANT = re.compile(r"plain|shift(\d+(\.\d+)?)|cfgstar(\d*)")
+NUMBER = r"\d+(\.\d+)?"
+VARIANT = re.compile(rf"plain|shift{NUMBER}|cfgstar(\d*)|interval{NUMBER}-{NUMBER}")
 
 
 def optimised_scale_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -55,6 +59,8 @@ def apply_variant(pipe: Text2ImagePipeline, variant: str, base_shift: float | No
         raise ValueError(f"{variant}: only flow-matching models have a time-grid shift")
     if shift or base_shift is not None:
         pipe.noise_process.config.shift = float(shift.group(1)) if shift else base_shift
+    if variant.startswith("interval"):
+        return apply_interval(pipe, *(float(v) for v in variant[len("interval") :].split("-")))
     if not variant.startswith("cfgstar"):
         return
     zero_steps = int(variant[len("cfgstar") :] or 0)
@@ -85,6 +91,27 @@ def apply_variant(pipe: Text2ImagePipeline, variant: str, base_shift: float | No
     pipe.guided_model_fn, pipe.autoguided_model_fn = guided_model_fn, autoguided_model_fn
 
 
+def apply_interval(pipe: Text2ImagePipeline, low: float, high: float) -> None:
+    """Guide ``pipe`` only while the path time lies in ``[low, high]``; elsewhere sample the conditional prediction."""
+
+    def inside(t: torch.Tensor) -> bool:
+        return low <= float(pipe.noise_process.path_time(t[:1])) <= high
+
+    def guided_model_fn(cond, uncond, scale):
+        guided, plain = (
+            type(pipe).guided_model_fn(pipe, cond, uncond, scale),
+            type(pipe).guided_model_fn(pipe, cond, None, 1.0),
+        )
+        return lambda x, t: guided(x, t) if inside(t) else plain(x, t)
+
+    def autoguided_model_fn(guidance, guide, guide_cond, guide_scale):
+        guided = type(pipe).autoguided_model_fn(pipe, guidance, guide, guide_cond, guide_scale)
+        plain = type(pipe).guided_model_fn(pipe, guidance.cond, None, 1.0)
+        return lambda x, t: guided(x, t) if inside(t) else plain(x, t)
+
+    pipe.guided_model_fn, pipe.autoguided_model_fn = guided_model_fn, autoguided_model_fn
+
+
 def quick_model(out: Path) -> tuple[Path, Path]:
     """``--quick``: a tiny demo folder and a model trained on it for two steps."""
     demo = quick_demo(out / "demo")
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     out, variants = Path(args.out), args.variants.split(",")
     if unknown := [v for v in variants if not VARIANT.fullmatch(v)]:
-        parser.error(f"unknown variant {unknown[0]!r}; choose plain, shiftS, cfgstar or cfgstarK")
+        parser.error(f"unknown variant {unknown[0]!r}; choose plain, shiftS, cfgstar, cfgstarK or intervalA-B")
     if "plain" not in variants:
         variants.insert(0, "plain")  # the reference of every paired difference
     if args.quick:

@@ -280,4 +280,11 @@ def test_guidance_screen_quick(capsys, tmp_path):
     assert not torch.allclose(sample("cfgstar").images, plain)
     assert not torch.allclose(sample("shift3").images, plain)
     torch.testing.assert_close(sample("cfgstar2").images, noise)  # both steps zeroed: the start is returned
+    # the two steps start at flow times 1 and 0.5: an interval holding both is plain guidance, one holding neither
+    # is the conditional prediction alone, and one holding only the second differs from both
+    torch.testing.assert_close(sample("interval0-1").images, plain)
+    unguided = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, latents=noise, output_type="latent")
+    torch.testing.assert_close(sample("interval0-0.4").images, unguided.images)
+    half = sample("interval0-0.6").images
+    assert not torch.allclose(half, plain) and not torch.allclose(half, unguided.images)
     torch.testing.assert_close(sample("plain").images, plain)  # and each variant is undone by the next
