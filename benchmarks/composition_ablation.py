@@ -78,6 +78,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dit_muon2": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr": 2e-3}),
     "dit_muon3": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr": 3e-3}),
     "dit_muon2_noisy": ({**DIT, "mask_padding": True, "logit_mean": 0.5}, {}, {"optimizer": "muon", "lr": 2e-3}),
+    "dit_muon2_clean": ({**DIT, "mask_padding": True, "logit_mean": -0.5}, {}, {"optimizer": "muon", "lr": 2e-3}),
     "dit_muon2_counts": ({**DIT, "mask_padding": True}, COUNTS, {"optimizer": "muon", "lr": 2e-3}),
     "dit_muon_wsd": ({**DIT, "mask_padding": True}, {}, {"optimizer": "muon", "lr_schedule": "wsd"}),
     "dit_muon_ddpm": ({**DIT, "mask_padding": True, "scheduler": "ddpm"}, {}, {"optimizer": "muon"}),  # v, cosine
