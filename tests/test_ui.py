@@ -279,7 +279,10 @@ def test_a_model_that_fails_to_load_is_one_line_and_exit_2(tmp_path):
 def test_ctrl_c_stops_the_server_cleanly(model_dir):
     port = free_port()
     command = [sys.executable, "-m", "cyclediffusion", "serve", "--model", str(model_dir), "--port", str(port)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a terminal's Ctrl-C: SIGINT at its default even where the test run inherits it ignored (a job started in
+    # the background of a shell script), in which case Python would never raise KeyboardInterrupt
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}" in line, line + proc.stderr.read()
