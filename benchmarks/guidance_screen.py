@@ -37,8 +37,10 @@ from cyclediffusion.pipelines import Text2ImagePipeline
 from cyclediffusion.pipelines.base import Guidance, SelfCondition
 from cyclediffusion.training import DataOptions, RunOptions, train_text2image
 
-NUMBER = r"\d+(\.\d+)?"
-VARIANT = re.compile(rf"plain|shift{NUMBER}|cfgstar(\d*)|interval{NUMBER}-{NUMBER}")
+NUMBER = r"\d+(?:\.\d+)?"
+VARIANT = re.compile(
+    rf"plain|shift(?P<shift>{NUMBER})|cfgstar(?P<zero>\d*)|interval(?P<low>{NUMBER})-(?P<high>{NUMBER})"
+)
 
 
 def optimised_scale_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -52,18 +54,20 @@ def optimised_scale_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: fl
 def apply_variant(pipe: Text2ImagePipeline, variant: str, base_shift: float | None = None) -> None:
     """Set ``pipe`` to sample as ``variant``, undoing any earlier one (``base_shift``: the model's own time-grid
     shift, restored by the other variants; flow models only)."""
+    if (match := VARIANT.fullmatch(variant)) is None:
+        raise ValueError(f"unknown variant {variant!r}")
     for name in ("guided_model_fn", "autoguided_model_fn"):
         pipe.__dict__.pop(name, None)  # back to the class's methods
-    shift = re.fullmatch(r"shift(.+)", variant)
+    shift = match["shift"]
     if shift and not hasattr(pipe.noise_process.config, "shift"):
         raise ValueError(f"{variant}: only flow-matching models have a time-grid shift")
     if shift or base_shift is not None:
-        pipe.noise_process.config.shift = float(shift.group(1)) if shift else base_shift
-    if variant.startswith("interval"):
-        return apply_interval(pipe, *(float(v) for v in variant[len("interval") :].split("-")))
-    if not variant.startswith("cfgstar"):
+        pipe.noise_process.config.shift = float(shift) if shift else base_shift
+    if match["low"] is not None:
+        return apply_interval(pipe, float(match["low"]), float(match["high"]))
+    if match["zero"] is None:
         return
-    zero_steps = int(variant[len("cfgstar") :] or 0)
+    zero_steps = int(match["zero"] or 0)
 
     def star(calls: list[int], uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
         calls[0] += 1
@@ -98,10 +102,8 @@ def apply_interval(pipe: Text2ImagePipeline, low: float, high: float) -> None:
         return low <= float(pipe.noise_process.path_time(t[:1])) <= high
 
     def guided_model_fn(cond, uncond, scale):
-        guided, plain = (
-            type(pipe).guided_model_fn(pipe, cond, uncond, scale),
-            type(pipe).guided_model_fn(pipe, cond, None, 1.0),
-        )
+        guided = type(pipe).guided_model_fn(pipe, cond, uncond, scale)
+        plain = type(pipe).guided_model_fn(pipe, cond, None, 1.0)
         return lambda x, t: guided(x, t) if inside(t) else plain(x, t)
 
     def autoguided_model_fn(guidance, guide, guide_cond, guide_scale):
