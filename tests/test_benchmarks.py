@@ -287,4 +287,18 @@ def test_guidance_screen_quick(capsys, tmp_path):
     torch.testing.assert_close(sample("interval0-0.4").images, unguided.images)
     half = sample("interval0-0.6").images
     assert not torch.allclose(half, plain) and not torch.allclose(half, unguided.images)
+    # projected guidance: a difference along the clean estimate keeps only its parallel weight, the rest whole;
+    # weight 1 is plain guidance, weight 0 differs
+    along = bench.projected_difference(u, 2 * u + ortho, 0.25)
+    torch.testing.assert_close(along, 0.5 * u + ortho, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sample("apg1").images, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sample("apg0").images, plain)
+    guide = Text2ImagePipeline.from_pretrained(rows[0]["model"])
+    guide.denoiser.final_layer.linear.bias.data.add_(0.1)  # a guide that differs from the model
+    pipe.guide = pipe.check_guide(guide)
+    auto = sample("plain").images
+    assert not torch.allclose(auto, plain)
+    torch.testing.assert_close(sample("apg1").images, auto, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sample("apg0").images, auto)
+    pipe.guide = None
     torch.testing.assert_close(sample("plain").images, plain)  # and each variant is undone by the next
