@@ -50,6 +50,7 @@ from cyclediffusion.training import (
     train_vae,
 )
 from cyclediffusion.training.callbacks import read_metrics
+from cyclediffusion.training.optimizers import OPTIMIZERS
 from cyclediffusion.training.options import VAEOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def scores(pipe: Text2ImagePipeline, suite, args: argparse.Namespace, seed: int,
 
 def run_key(args: argparse.Namespace, weight: float, seed: int, cycle: CycleConfig | None) -> dict:
     """What makes two runs the same run: a finished run with this key is read back instead of trained again."""
-    fields = ("init_from", "data", "minutes", "steps", "batch_size", "lr", "warmup", "ema_decay")
+    fields = ("init_from", "data", "minutes", "steps", "batch_size", "lr", "optimizer", "warmup", "ema_decay")
     fields += ("samples_per_prompt", "per_kind", "sample_steps", "guidance")
     key = {f: getattr(args, f) for f in fields} | {"weight": weight, "seed": seed}
     if cycle is not None:
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     add_flags(parser, CycleConfig, "cycle term (its weight comes from --weights)", prefix="cycle")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--optimizer", default="adamw", choices=OPTIMIZERS, help="of every fine-tune (muon: the demo's)"
+    )
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--samples-per-prompt", type=int, default=2)
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
                 sample_prompts=demo_prompts(),
             )
             options = RunOptions(
-                out=str(run), **length, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                out=str(run), **length, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                warmup=args.warmup,
                 precision=precision, seed=seed, ema_decay=args.ema_decay or None, log_every=1 if args.quick else 10,
                 checkpoint_every=10**9, sample_every=0, resume=False, progress=False,
             )  # fmt: skip
@@ -252,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         machine_line(device),
         versions_line(),
         f"start: {start_dir} ({image_size} px); data: {args.data}; captioner: {args.captioner}",
-        f"fine-tune: {budget} per run, batch {args.batch_size}, lr {args.lr:g} (warmup {args.warmup}), "
+        f"fine-tune: {budget} per run, batch {args.batch_size}, {args.optimizer} at lr {args.lr:g} "
+        f"(warmup {args.warmup}), "
         f"EMA {args.ema_decay:g}, precision {precision}, cached latents; seeds {args.seeds}",
         f"cycle ({variant}): weights {args.weights}; {settings}",
         f"ShapesEval: {len({e.text for e in suite})} prompts x {args.samples_per_prompt} samples, "

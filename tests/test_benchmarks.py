@@ -72,7 +72,7 @@ def test_quality_per_compute_quick(capsys, tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_cycle_ablation_quick(capsys, tmp_path):
-    load("cycle_ablation").main(["--quick", "--out", str(tmp_path)])
+    load("cycle_ablation").main(["--quick", "--out", str(tmp_path), "--optimizer", "muon"])
     out = capsys.readouterr().out
     assert out.startswith("machine: ") and "\nversions: python " in out and "ShapesEval: " in out
     printed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
@@ -97,6 +97,8 @@ def test_cycle_ablation_quick(capsys, tmp_path):
     assert cycle["summary"]["step_cost_vs_w0"]["mean"] > 0 and "binding_minus_w0" in cycle["summary"]
     recorded = json.loads((tmp_path / "x0_ce_w0.5_s0" / "result.json").read_text())
     assert recorded["key"]["cycle"]["weight"] == 0.5 and recorded["run"]["steps"] == 3  # what a rerun reuses
+    assert recorded["key"]["optimizer"] == "muon"
+    assert yaml.safe_load((tmp_path / "w0_s0" / "options.yaml").read_text())["run"]["optimizer"] == "muon"
     assert "overall_minus_w0" in cycle["summary"] and "overall_minus_w0" not in plain["summary"]
 
 
