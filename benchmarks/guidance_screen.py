@@ -13,8 +13,7 @@ Variants (a one-off patch of the guided prediction, not part of the library):
 - ``apgE``: adaptive projected guidance (Sadat et al. 2024, flow models): each guidance difference (conditional minus
   unconditional, and minus the guide's where there is one) is taken in clean-image space and split into its part
   along the conditional clean-image estimate and the rest; the parallel part is weighted by ``E`` (0 drops it,
-  1 is ``plain``). The parallel part brightens what the estimate already holds: at the noisy end of a count caption,
-  every place where an object may stand.
+  1 is ``plain``, above 1 strengthens it). The parallel part scales what the estimate already holds.
 
 Model ``i`` of ``--models`` samples with seeds ``s + i`` for each ``s`` of ``--sampling-seeds``; the table gives each
 variant's mean and its paired difference from ``plain`` (mean ± std over models x seeds).
@@ -135,13 +134,11 @@ def apply_projected(pipe: Text2ImagePipeline, eta: float) -> None:
     if not hasattr(pipe.noise_process.config, "shift"):
         raise ValueError("apg: flow-matching models only")
 
-    def guided(x, t, cond, others):  # v_cond + sum_k w_k (v_cond - v_k), each difference projected in x0 space
-        time = pipe.noise_process.path_time(t[:1]).view(1, *[1] * (x.ndim - 1))
-        x0_cond = x - time * cond
-        out = cond.clone()
-        for other, weight in others:
-            out = out - weight * projected_difference(x0_cond, -time * (cond - other), eta) / time
-        return out
+    def guided(x, t, cond, others):
+        # v_cond + sum_k w_k (v_cond - v_k) with each difference split along x0_cond = x - t v_cond: in clean-image
+        # space the difference is -t (v_cond - v_k), and a projection commutes with that scale
+        x0_cond = x - pipe.noise_process.path_time(t[:1]).view(1, *[1] * (x.ndim - 1)) * cond
+        return cond + sum(weight * projected_difference(x0_cond, cond - other, eta) for other, weight in others)
 
     def guided_model_fn(cond, uncond, scale):
         if uncond is None or scale == 1:
