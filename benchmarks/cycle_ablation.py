@@ -217,9 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             options = RunOptions(
                 out=str(run), **length, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                warmup=args.warmup,
-                precision=precision, seed=seed, ema_decay=args.ema_decay or None, log_every=1 if args.quick else 10,
-                checkpoint_every=10**9, sample_every=0, resume=False, progress=False,
+                warmup=args.warmup, precision=precision, seed=seed, ema_decay=args.ema_decay or None,
+                log_every=1 if args.quick else 10, checkpoint_every=10**9, sample_every=0, resume=False, progress=False,
             )  # fmt: skip
             model_dir = train_text2image(data, options, model)
             cache.insert(0, run)

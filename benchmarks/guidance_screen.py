@@ -10,7 +10,7 @@ Variants (a one-off patch of the guided prediction, not part of the library):
 - ``intervalA-B``: guidance (classifier-free, and autoguidance where a guide is given) only while the flow time is in
   ``[A, B]`` (1 is pure noise), the conditional prediction alone elsewhere (Kynkäänniemi et al. 2024, "Applying
   guidance in a limited interval").
-- ``apgE``: adaptive projected guidance (Sadat et al. 2024, flow models): each guidance difference (conditional minus
+- ``apgE``: adaptive projected guidance (Sadat et al. 2024): each guidance difference (conditional minus
   unconditional, and minus the guide's where there is one) is taken in clean-image space and split into its part
   along the conditional clean-image estimate and the rest; the parallel part is weighted by ``E`` (0 drops it,
   1 is ``plain``, above 1 strengthens it). The parallel part scales what the estimate already holds.
@@ -130,14 +130,14 @@ def projected_difference(x0_cond: torch.Tensor, diff: torch.Tensor, eta: float) 
 
 
 def apply_projected(pipe: Text2ImagePipeline, eta: float) -> None:
-    """Adaptive projected guidance with parallel weight ``eta`` on a flow model (``x0 = x - t v``)."""
-    if not hasattr(pipe.noise_process.config, "shift"):
-        raise ValueError("apg: flow-matching models only")
+    """Adaptive projected guidance with parallel weight ``eta``: each difference split along the conditional x0."""
+    process = pipe.noise_process
 
     def guided(x, t, cond, others):
-        # v_cond + sum_k w_k (v_cond - v_k) with each difference split along x0_cond = x - t v_cond: in clean-image
-        # space the difference is -t (v_cond - v_k), and a projection commutes with that scale
-        x0_cond = x - pipe.noise_process.path_time(t[:1]).view(1, *[1] * (x.ndim - 1)) * cond
+        # cond + sum_k w_k (cond - other_k): at fixed x_t a prediction is affine in x0 with one scale per row (flow:
+        # x0 = x - t v), so a difference of predictions is that scale times the difference of x0 estimates, and the
+        # projection commutes with it
+        x0_cond = process.to_x0_eps(cond, x, process.path_time(t))[0]
         return cond + sum(weight * projected_difference(x0_cond, cond - other, eta) for other, weight in others)
 
     def guided_model_fn(cond, uncond, scale):
