@@ -56,12 +56,15 @@ def parameters(pipe: Text2ImagePipeline) -> str:
     return ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for n, m in parts if m is not None)
 
 
-def time_call(pipe: Text2ImagePipeline, prompts: list[str], steps: int, guidance: float, device: str) -> float:
+def time_call(
+    pipe: Text2ImagePipeline, prompts: list[str], steps: int, guidance: float, device: str, guide_scale: float | None
+) -> float:
     """Seconds for one pipeline call (seeded, tensors out)."""
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     sync(device)
     t0 = time.perf_counter()
-    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pt")
+    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pt",
+         guide_scale=guide_scale)  # fmt: skip
     sync(device)
     return time.perf_counter() - t0
 
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model-size", default="small", help="U-Net size of the fresh model")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="cast the networks")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    parser.add_argument(
+        "--guide-scale", type=float, default=None, help="autoguidance weight of a model with a guide (0: none)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     steps_list = [2] if args.quick else [int(s) for s in args.steps.split(",")]
@@ -110,6 +116,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"sampler: {process}{f' ({target})' if target else ''}, its default sampler; dtype {args.dtype}"
         f"{', torch.compile' if args.compile else ''}; median of {repeats} timed call(s) after {warmup} untimed"
     )
+    guide_scale = pipe.guide_scale if args.guide_scale is None else args.guide_scale
+    guided = pipe.guide is not None and guide_scale > 0
+    print("autoguidance: " + (f"by the model's own guide, weight {guide_scale:g}" if guided else "none"))
     memory = "peak CUDA memory allocated (MiB)" if gpu else "process peak RSS, MiB (raised by this row)"
     print(f"memory: {memory}\n")
     print(f"| batch | steps | guidance | s / call | ms / image | images / s | {memory} |")
@@ -123,9 +132,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         torch.cuda.reset_peak_memory_stats()
                     before = peak_rss_mib()
                     for _ in range(warmup):  # first calls at new shapes are slow (kernel choice, compile)
-                        time_call(pipe, prompts[:batch], steps, guidance, args.device)
+                        time_call(pipe, prompts[:batch], steps, guidance, args.device, args.guide_scale)
                     seconds = statistics.median(
-                        time_call(pipe, prompts[:batch], steps, guidance, args.device) for _ in range(repeats)
+                        time_call(pipe, prompts[:batch], steps, guidance, args.device, args.guide_scale)
+                        for _ in range(repeats)
                     )
                     if gpu:
                         mem = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"

@@ -204,6 +204,8 @@ def test_distill_command_and_its_bad_input(tmp_path, teacher, monkeypatch, capsy
         (["--out", "r2", "--image-size", "32"], "makes 16px images but --image-size is 32"),
         (["--out", "r3", "--image-size", "16", "--student-steps", "0"], "positive integer"),
         (["--out", "r4", "--image-size", "16", "--guidance", "-1"], "must be non-negative"),
+        (["--out", "r5", "--image-size", "16", "--guide-scale", "-1"], "--guide-scale must be non-negative"),
+        (["--out", "r6", "--image-size", "16", "--guide-scale", "2"], "--guide-scale needs a teacher that carries"),
     ):
         capsys.readouterr()
         assert run_cli(*common, *args, cwd=tmp_path, monkeypatch=monkeypatch) == 2
@@ -224,7 +226,7 @@ def test_student_start_points_are_where_the_students_own_steps_lead(teacher):
     process, student = module.noise_process, module.denoiser
     guidance = module.teacher.prompt_guidance(["a red square", "a blue square"], 1.0, 1)
     x0, noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
-    starts = module.student_steps_to(torch.tensor([0, 2]), x0, noise, guidance)
+    starts = module.student_steps_to(torch.tensor([0, 2]), x0, noise, guidance.cond)
     grid = process.grid(4)
     x = process.add_noise(x0, noise, torch.full((2,), float(grid[0][0])))
     torch.testing.assert_close(starts[0], x[0])
@@ -235,3 +237,37 @@ def test_student_start_points_are_where_the_students_own_steps_lead(teacher):
             x = process.step(out, x, t, t_prev)
     torch.testing.assert_close(starts[1], x[1], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(starts[1], process.add_noise(x0, noise, torch.full((2,), float(grid[2][0])))[1])
+
+
+@pytest.mark.parametrize("guide_scale", [None, 0.0, "default"])
+def test_the_teacher_steps_are_what_the_teacher_samples_with(tmp_path, teacher, guide_scale):
+    """A teacher whose folder holds an autoguidance model: with ``guide_scale=None`` the steps a distillation step
+    trains on are taken as the teacher samples by default, guide and the guide's guidance included, and across the
+    whole grid from pure noise they land where the teacher's own call lands; with ``guide_scale=0`` (the default)
+    they land where the call without the guide does, elsewhere."""
+    from cyclediffusion.training.distill import DistillModule
+    from cyclediffusion.training.modules import OptimConfig
+
+    data, teacher_dir = teacher("dit", "flow")
+    pipe, guide = (Text2ImagePipeline.from_pretrained(teacher_dir) for _ in range(2))
+    with torch.no_grad():  # a weaker model of the same kind
+        for p in guide.denoiser.parameters():
+            p.mul_(0.8)
+    parts = (pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.denoiser, pipe.noise_process, 3.0)
+    Text2ImagePipeline(*parts, guide=guide, guide_scale=1.5, guide_guidance_scale=2.0).save_pretrained(tmp_path / "t")
+    guided = Text2ImagePipeline.from_pretrained(tmp_path / "t")
+    options = {} if guide_scale == "default" else {"guide_scale": guide_scale}
+    module = DistillModule(guided, OptimConfig(), student_steps=2, teacher_substeps=4, **options)
+    seen = []
+    module.teacher_steps = lambda x, path, model_fn: seen.append(model_fn) or x  # the model_fn a step trains on
+    x0, captions = read_folder(data)
+    module.step_losses({"step": torch.tensor([0]), "caption": captions[:4], "pixels": x0[:4]})
+
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    x = noise
+    for path in module.paths:  # the whole nested grid, student step by student step
+        x = DistillModule.teacher_steps(module, x, path.expand(4, -1), seen[0])
+    own = {scale: guided(captions[:4], latents=noise, num_inference_steps=8, output_type="latent",
+                         guide_scale=scale).images for scale in (None, 0.0)}  # fmt: skip
+    torch.testing.assert_close(x, own[guide_scale if guide_scale is None else 0.0], atol=1e-5, rtol=1e-4)
+    assert (own[None] - own[0.0]).abs().max() > 1e-2  # the guide changes where the teacher goes

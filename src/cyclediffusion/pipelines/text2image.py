@@ -143,20 +143,9 @@ class Text2ImagePipeline(DiffusionPipeline):
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         batch = len(prompts) * num_images_per_prompt
-        guide = self.guide if guide is None else guide
-        guide_scale = self.guide_scale if guide_scale is None else guide_scale
-        if guide_scale < 0:
-            raise ValueError(f"guide scale must be non-negative, got {guide_scale}")
-        if guide is not None and guide_scale == 0:
-            guide = None
-        if guide is not None and guidance_scale is None:
-            guidance_scale = self.guide_guidance_scale
-        guidance = self.prompt_guidance(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
-        if guide is None:
-            model_fn = self.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
-        else:
-            guide_cond = self.check_guide(guide).encode_prompt(prompts).repeat(num_images_per_prompt)
-            model_fn = self.autoguided_model_fn(guidance, guide, guide_cond, guide_scale)
+        _, model_fn = self.sampling_model_fn(
+            prompts, guidance_scale, num_images_per_prompt, negative_prompt, guide=guide, guide_scale=guide_scale
+        )
 
         if latents is None:
             latents = randn(self.latent_shape(batch, height, width), generator, self.device)
@@ -174,6 +163,32 @@ class Text2ImagePipeline(DiffusionPipeline):
             callback=every(callback, callback_steps),
         )
         return self.postprocess(x0, output_type)
+
+    def sampling_model_fn(
+        self,
+        prompts: list[str],
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        negative_prompt: str | Sequence[str] | None = None,
+        guide: Text2ImagePipeline | None = None,
+        guide_scale: float | None = None,
+    ) -> tuple[Guidance, ModelFn]:
+        """The prompts' guidance and the ``model_fn(x_t, t)`` that :meth:`__call__` samples them with, under the
+        same defaults: the pipeline's own guide, guide scale and guidance unless given; classifier-free guidance
+        alone without a guide or at ``guide_scale=0``. Few-step distillation follows the same function."""
+        guide = self.guide if guide is None else guide
+        guide_scale = self.guide_scale if guide_scale is None else guide_scale
+        if guide_scale < 0:
+            raise ValueError(f"guide scale must be non-negative, got {guide_scale}")
+        if guide is not None and guide_scale == 0:
+            guide = None
+        if guide is not None and guidance_scale is None:
+            guidance_scale = self.guide_guidance_scale
+        guidance = self.prompt_guidance(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
+        if guide is None:
+            return guidance, self.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
+        guide_cond = self.check_guide(guide).encode_prompt(prompts).repeat(num_images_per_prompt)
+        return guidance, self.autoguided_model_fn(guidance, guide, guide_cond, guide_scale)
 
     def check_guide(self, guide: Text2ImagePipeline) -> Text2ImagePipeline:
         """``guide``, once it is known to predict what this model predicts, on the same latents."""

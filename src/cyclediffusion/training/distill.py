@@ -2,13 +2,15 @@
 
 Each training row draws one of the student's ``student_steps`` sampler steps ``(t, t_prev)`` (the noise process's
 :meth:`~cyclediffusion.diffusion.base.NoiseProcessBase.grid`) and noises a training latent to ``t``. The frozen
-teacher runs ``teacher_substeps`` deterministic DDIM steps (Euler steps for flow matching) with classifier-free
-guidance from there to ``t_prev``. The student, which starts as a copy of the teacher's denoiser and sees only the
-caption, learns to land on the teacher's point in one step of the same sampler: its x0 estimate is regressed on the
-x0 whose step makes that move (:meth:`~cyclediffusion.diffusion.base.NoiseProcessBase.x0_through`), weighted by
-``(alpha^2 + sigma^2) / sigma^2`` (progressive distillation's "SNR + 1" weight, Salimans & Ho 2022; distilling
-straight to the final number of steps, as TRACT does, Berthelot et al. 2023). The guidance is baked in: the student
-samples at guidance 1, one network call per step.
+teacher runs ``teacher_substeps`` deterministic DDIM steps (Euler steps for flow matching) from there to ``t_prev``,
+guided as the teacher's own sampling guides them (:meth:`~.Text2ImagePipeline.sampling_model_fn`: classifier-free
+guidance, and on request autoguidance by the guide its folder holds). The student, which starts as a copy of the
+teacher's denoiser and sees only the caption, learns to land on the teacher's point in one step of the same
+sampler: its x0 estimate is regressed on the x0 whose step makes that move
+(:meth:`~cyclediffusion.diffusion.base.NoiseProcessBase.x0_through`), weighted by ``(alpha^2 + sigma^2) / sigma^2``
+(progressive distillation's "SNR + 1" weight, Salimans & Ho 2022; distilling straight to the final number of steps,
+as TRACT does, Berthelot et al. 2023). The guidance is baked in: the student samples at guidance 1, one network
+call per step.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ from typing import Any
 
 import torch
 
-from ..diffusion.base import TrainingLoss, broadcast, mean_flat
+from ..diffusion.base import ModelFn, TrainingLoss, broadcast, mean_flat
 from ..pipelines import Text2ImagePipeline
-from ..pipelines.base import Guidance, PromptEmbeds
+from ..pipelines.base import PromptEmbeds
 from .modules import DiffusionModule, OptimConfig, StepLosses
 from .options import START_FROM
 
 
 class DistillModule(DiffusionModule):
     """Trains a few-step student of ``teacher`` (a trained pipeline, left unchanged); the text encoder, tokenizer,
-    VAE and noise process are the teacher's and stay frozen. ``guidance_scale`` is the teacher's guidance (default:
-    its own); the exported student samples with guidance 1 in ``student_steps`` steps by default."""
+    VAE and noise process are the teacher's and stay frozen. ``guidance_scale`` is the teacher's classifier-free
+    guidance (default: its own) and ``guide_scale`` the weight of its autoguidance model (default 0: none; None:
+    the teacher's own weight, as it samples by default); the exported student samples with guidance 1 in
+    ``student_steps`` steps by default."""
 
     def __init__(
         self,
@@ -39,9 +43,12 @@ class DistillModule(DiffusionModule):
         guidance_scale: float | None = None,
         seed: int = 0,
         start_from: str = "data",
+        guide_scale: float | None = 0.0,
     ) -> None:
         if start_from not in START_FROM:
             raise ValueError(f"start_from must be one of {', '.join(START_FROM)}, got {start_from!r}")
+        if guide_scale and teacher.guide is None:
+            raise ValueError("--guide-scale needs a teacher that carries an autoguidance model (guide/ in its folder)")
         paths = teacher.noise_process.nested_grid(student_steps, teacher_substeps)
         student = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
         teacher.denoiser.eval().requires_grad_(False)
@@ -51,7 +58,10 @@ class DistillModule(DiffusionModule):
         )  # fmt: skip
         self.text_encoder.train()  # frozen and without dropout, so the mode changes nothing but Lightning's warning
         self.student_steps, self.start_from = student_steps, start_from
-        self.teacher_guidance = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+        self.teacher_guidance, self.guide_scale = guidance_scale, guide_scale
+        if teacher.guide is not None:
+            for part in teacher.guide.eval().modules:
+                part.requires_grad_(False)
         # (student_steps, teacher_substeps + 1): the times the teacher passes through across each student step
         self.paths = torch.tensor([[path[0][0]] + [t_prev for _, t_prev in path] for path in paths])
         self.shared.value["teacher"] = teacher
@@ -63,6 +73,8 @@ class DistillModule(DiffusionModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.teacher.denoiser.to(self.device)
+        if self.teacher.guide is not None:
+            self.teacher.guide.to(self.device)
 
     def to_pipeline(self) -> Text2ImagePipeline:
         """The student as a pipeline that samples in ``student_steps`` steps without guidance by default."""
@@ -71,10 +83,10 @@ class DistillModule(DiffusionModule):
         return pipe
 
     @torch.no_grad()
-    def teacher_steps(self, x: torch.Tensor, path: torch.Tensor, guidance: Guidance) -> torch.Tensor:
-        """Where the teacher's guided steps through the times of ``path`` (one row of times per sample) take ``x``."""
+    def teacher_steps(self, x: torch.Tensor, path: torch.Tensor, model_fn: ModelFn) -> torch.Tensor:
+        """Where the teacher's guided steps (``model_fn``) through the times of ``path`` (one row of times per
+        sample) take ``x``."""
         process = self.noise_process
-        model_fn = self.teacher.guided_model_fn(guidance.cond, guidance.uncond, guidance.scale)
         for j in range(path.shape[1] - 1):
             t, t_prev = path[:, j], path[:, j + 1]
             stepped = process.step(model_fn(x, process.model_time(t)), x, t, t_prev)
@@ -82,7 +94,7 @@ class DistillModule(DiffusionModule):
         return x
 
     def student_pairs(
-        self, x0: torch.Tensor, g: torch.Generator, guidance: Guidance
+        self, x0: torch.Tensor, g: torch.Generator, cond: PromptEmbeds, model_fn: ModelFn
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, x_prev, path, rows)``: where student steps start, where the teacher's steps across them end, their
         times, and the batch row each pair's caption comes from.
@@ -99,7 +111,7 @@ class DistillModule(DiffusionModule):
             starts, ends = [], []
             for path in paths:
                 starts.append(x)
-                x = self.teacher_steps(x, path.expand(local, -1), guidance)
+                x = self.teacher_steps(x, path.expand(local, -1), model_fn)
                 ends.append(x)
             rows = torch.arange(local, device=self.device).repeat(self.student_steps)
             return torch.cat(starts), torch.cat(ends), paths.repeat_interleave(local, dim=0), rows
@@ -107,18 +119,18 @@ class DistillModule(DiffusionModule):
         which = which[self.rank_rows(local)]
         path = paths[which]
         if self.start_from == "student":
-            x_t = self.student_steps_to(which, x0, self.draw_normal(g, x0.shape), guidance)
+            x_t = self.student_steps_to(which, x0, self.draw_normal(g, x0.shape), cond)
         else:
             x_t = self.noise_process.add_noise(x0, self.draw_normal(g, x0.shape), path[:, 0])
-        return x_t, self.teacher_steps(x_t, path, guidance), path, torch.arange(local, device=self.device)
+        return x_t, self.teacher_steps(x_t, path, model_fn), path, torch.arange(local, device=self.device)
 
     @torch.no_grad()
     def student_steps_to(
-        self, which: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, guidance: Guidance
+        self, which: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, cond: PromptEmbeds
     ) -> torch.Tensor:
         """Each row's latent noised to the start of the grid, then moved by the student's own steps (its current
         weights, no gradient) up to the start of its step ``which``."""
-        process, paths, cond = self.noise_process, self.paths.to(self.device), guidance.cond
+        process, paths = self.noise_process, self.paths.to(self.device)
         x = process.add_noise(x0, noise, paths[0, 0].expand(x0.shape[0]))
         for j in range(int(which.max())):
             rows = (which > j).nonzero().flatten()
@@ -139,8 +151,10 @@ class DistillModule(DiffusionModule):
         captions: list[str] = list(batch["caption"])
         x0 = self.clean_latents(batch, g)
         process = self.noise_process
-        guidance = self.teacher.prompt_guidance(captions, self.teacher_guidance, 1)
-        x_t, x_prev, path, rows = self.student_pairs(x0, g, guidance)
+        guidance, model_fn = self.teacher.sampling_model_fn(
+            captions, self.teacher_guidance, guide_scale=self.guide_scale
+        )
+        x_t, x_prev, path, rows = self.student_pairs(x0, g, guidance.cond, model_fn)
         t = path[:, 0]
         target = process.x0_through(x_t, t, x_prev, path[:, -1])
         prediction = self.student(x_t, t, guidance.cond, rows)

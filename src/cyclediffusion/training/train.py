@@ -356,7 +356,7 @@ def distill_text2image(data: DataOptions, run: RunOptions, options: DistillOptio
     steps = total_steps(run, dataset_size(dataset), world_size(run))
     module = DistillModule(
         teacher, optim_config(run, steps), options.student_steps, options.teacher_substeps, options.guidance,
-        seed=run.seed, start_from=options.start_from,
+        seed=run.seed, start_from=options.start_from, guide_scale=options.guide_scale,
     )  # fmt: skip
     export = Export(out / "model", save_pipeline, run.export_every)
     trainer = fit(module, dataset, run, steps, data.num_workers, [export])
