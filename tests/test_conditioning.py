@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_training import TINY_FLAGS, cli, final_weights, metrics, run_cli, write_folder
+from test_training import EXACT_FLAGS, TINY_FLAGS, cli, final_weights, metrics, run_cli, write_folder
 
 from cyclediffusion import Text2ImagePipeline, TextEncoder, TextEncoderConfig, Tokenizer
 from cyclediffusion.models.unet import SpatialTransformer, with_coordinates
@@ -189,7 +189,7 @@ def test_conditioning_options_train_the_dit_with_flow_under_ddp_as_in_one_proces
     data = write_folder(tmp_path / "data")
     new = ["--mask-padding", "--text-refiner-layers", "1", "--text-layer-mix"]
     common = ["--data", str(data), "--steps", "1", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0", *new]
-    common += ["--backbone", "dit", "--scheduler", "flow"]
+    common += ["--backbone", "dit", "--scheduler", "flow", *EXACT_FLAGS]
     cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
     cli("train", "--out", "ddp", "--batch-size", "4", "--devices", "2", "--strategy", "ddp", *common, cwd=tmp_path)
     single = float(metrics(tmp_path / "single")[0]["train/loss"])

@@ -8,7 +8,17 @@ import copy
 import pytest
 import torch
 from test_captioner import SIZE, tiny_captioner
-from test_training import TINY_FLAGS, cli, final_weights, metrics, run_cli, tiny_model, tiny_run, write_folder
+from test_training import (
+    EXACT_FLAGS,
+    TINY_FLAGS,
+    cli,
+    final_weights,
+    metrics,
+    run_cli,
+    tiny_model,
+    tiny_run,
+    write_folder,
+)
 
 from cyclediffusion import create_noise_process
 from cyclediffusion.pipelines.caption import CaptionPipeline
@@ -231,6 +241,7 @@ def test_ddp_cycle_step_equals_single_process(tmp_path, mode):
     cycle = ["--captioner", save_captioner(tmp_path, data), "--cycle-weight", "0.5", "--cycle-fraction", "0.5"]
     cycle += ["--cycle-mode", mode, "--cycle-sample-steps", "3", *(["--cycle-group", "2"] if mode == "grpo" else [])]
     common = ["--data", str(data), "--steps", "1", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0", *cycle]
+    common += EXACT_FLAGS
     cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
     cli("train", "--out", "ddp", "--batch-size", "4", "--devices", "2", "--strategy", "ddp", *common, cwd=tmp_path)
     single, ddp = metrics(tmp_path / "single")[0], metrics(tmp_path / "ddp")[0]

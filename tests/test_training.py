@@ -287,6 +287,8 @@ TINY_FLAGS = [
     "--lr",
     "1e-3",
 ]
+# Runs compared to 1e-5 train in fp32: bf16 (auto on a CPU with AVX512_BF16) rounds batches of 4 and 8 apart
+EXACT_FLAGS = ["--precision", "32"]
 
 
 def test_cli_train_then_sample_writes_png(tmp_path, monkeypatch):
@@ -406,6 +408,7 @@ def test_ddpm_training_weights_the_loss_with_min_snr_5_unless_turned_off():
 def test_ddp_first_step_loss_equals_single_process(tmp_path):
     data = write_folder(tmp_path / "data")
     common = ["--data", str(data), "--steps", "1", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0"]
+    common += EXACT_FLAGS
     cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
     cli("train", "--out", "ddp", "--batch-size", "4", "--devices", "2", "--strategy", "ddp", *common, cwd=tmp_path)
     single = float(metrics(tmp_path / "single")[0]["train/loss"])
@@ -423,7 +426,7 @@ def test_two_nodes_over_loopback_give_the_weights_of_one_process(tmp_path):
 
     data = write_folder(tmp_path / "data")
     common = ["--data", str(data), "--steps", "2", *TINY_FLAGS, "--accelerator", "cpu", "--ema-decay", "0"]
-    common += ["--precision", "32"]  # bf16 (auto on a CPU with AVX512_BF16) rounds batches of 4 and 8 apart
+    common += EXACT_FLAGS
     cli("train", "--out", "single", "--batch-size", "8", *common, cwd=tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
