@@ -1,5 +1,6 @@
-"""Attention forward + backward on the CPU: torch's kernel in fp32, the same in bf16, and ours (which attends in fp32
-when it trains under bf16 autocast, ``models/layers.py::scaled_dot_product_attention``), side by side in one run.
+"""Attention forward + backward on the CPU: torch's kernel in fp32, the same in bf16, torch's fp32 kernel on casts of
+bf16 inputs, and ours (which attends through explicit bf16 matmuls and softmax when it trains under bf16 autocast,
+``models/layers.py::scaled_dot_product_attention``), side by side in one run.
 
     python benchmarks/attention_bf16.py                     # the demo DiT's shapes and a larger one
     python benchmarks/attention_bf16.py --repeats 50
@@ -42,6 +43,12 @@ def timed(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -
     return 1000 * sorted(times)[len(times) // 2]
 
 
+def fp32_on_casts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's fp32 kernel on fp32 casts of bf16 inputs, the result cast back (what training in bf16 did before)."""
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -52,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_line("cpu"))
     print(versions_line(("cyclediffusion",)))
     print(
-        "| shape (B, heads, Nq, Nk, d) | torch fp32 ms | torch bf16 ms | ours bf16 ms "
-        "| speed-up, ours against torch bf16 |"
+        "| shape (B, heads, Nq, Nk, d) | torch fp32 ms | torch bf16 ms | torch fp32 on bf16 casts ms | ours bf16 ms "
+        "| speed-up, ours against torch bf16 | against the casts |"
     )
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (b, h, nq, nk, d) in shapes.items():
         g = torch.Generator().manual_seed(0)
         base = [torch.randn(b, h, n, d, generator=g) for n in (nq, nk, nk)]
@@ -63,10 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         bf16 = [t.bfloat16().requires_grad_() for t in base]
         torch_fp32 = timed(F.scaled_dot_product_attention, *fp32, repeats)
         torch_bf16 = timed(F.scaled_dot_product_attention, *bf16, repeats)
+        casts = timed(fp32_on_casts, *bf16, repeats)
         ours = timed(scaled_dot_product_attention, *bf16, repeats)
         print(
-            f"| {name} {(b, h, nq, nk, d)} | {torch_fp32:.2f} | {torch_bf16:.2f} | {ours:.2f} | "
-            f"{torch_bf16 / ours:.2f}x |"
+            f"| {name} {(b, h, nq, nk, d)} | {torch_fp32:.2f} | {torch_bf16:.2f} | {casts:.2f} | {ours:.2f} | "
+            f"{torch_bf16 / ours:.2f}x | {casts / ours:.2f}x |"
         )
 
 

@@ -179,7 +179,7 @@ def test_attention_bf16_quick(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo DiT cross-attention")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert all(float(c) > 0 for c in cells[1:4])
+    assert all(float(c) > 0 for c in cells[1:5])
 
 
 def test_step_overhead_quick(capsys):

@@ -102,25 +102,26 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
-FP32_ATTENTION_TOKENS = 128
-"""CPU training in half precision attends in fp32 up to this many query or key tokens (see below)."""
+EXPLICIT_ATTENTION_TOKENS = 256
+"""CPU training in half precision attends through explicit matmuls and softmax up to this many query or key tokens."""
 
 
 def scaled_dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, in fp32 when training in bf16 or fp16 on a CPU.
+    """``F.scaled_dot_product_attention``; explicit attention when training in bf16 or fp16 on a CPU.
 
     torch's CPU flash-attention backward is slow in half precision for short sequences: for 64 image tokens and 16
-    text tokens at batch 64 it takes 22 ms per call in bf16 against 2.6 ms in fp32 (Xeon with AMX, torch 2.13), which
-    made the demo's DiT train 30% slower in bf16-mixed than in fp32. Attending in fp32 there costs two casts. At 256
-    tokens the two kernels are even (``benchmarks/attention_bf16.py``), so longer sequences keep the bf16 kernel.
+    text tokens at batch 64 it took 22 ms per call in bf16 against 2.6 ms in fp32 (Xeon with AMX, torch 2.13). Its
+    fp32 kernel on casts of the inputs was the first cure; two half-precision matmuls around a softmax, with autograd
+    through them, do better still (AMD Zen 4 with AVX512_BF16, forward + backward at batch 64: the demo DiT's
+    self-attention 4.2 ms against 11.5 ms through the fp32 kernel, a 256-token one 38 against 62 ms;
+    ``benchmarks/attention_bf16.py``). Longer sequences, inference and fp32 keep torch's kernel.
     """
-    short = max(q.shape[-2], k.shape[-2]) <= FP32_ATTENTION_TOKENS
+    short = max(q.shape[-2], k.shape[-2]) <= EXPLICIT_ATTENTION_TOKENS
     if short and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=causal)
-        return out.to(q.dtype)
+            return attention_weights(q, k, attn_mask, causal, dtype=q.dtype) @ v.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
 
 
@@ -132,10 +133,15 @@ editing) without touching the model's maths elsewhere."""
 
 
 def attention_weights(
-    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The softmax weights (B, heads, N, M) that ``scaled_dot_product_attention`` applies to the values."""
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    """The softmax weights (B, heads, N, M) that ``scaled_dot_product_attention`` applies to the values, computed in
+    ``dtype`` (fp32 unless told)."""
+    scores = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-2, -1)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     if causal:
