@@ -115,7 +115,7 @@ def scaled_dot_product_attention(
     text tokens at batch 64 it took 22 ms per call in bf16 against 2.6 ms in fp32 (Xeon with AMX, torch 2.13). Its
     fp32 kernel on casts of the inputs was the first cure; two half-precision matmuls around a softmax, with autograd
     through them, do better still (AMD Zen 4 with AVX512_BF16, forward + backward at batch 64: the demo DiT's
-    self-attention 4.2 ms against 11.5 ms through the fp32 kernel, a 256-token one 38 against 62 ms;
+    self-attention 5.0 ms against 13.0 ms through the fp32 kernel, a 256-token one 32 against 72 ms;
     ``benchmarks/attention_bf16.py``). Longer sequences, inference and fp32 keep torch's kernel.
     """
     short = max(q.shape[-2], k.shape[-2]) <= EXPLICIT_ATTENTION_TOKENS
@@ -140,14 +140,17 @@ def attention_weights(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The softmax weights (B, heads, N, M) that ``scaled_dot_product_attention`` applies to the values, computed in
-    ``dtype`` (fp32 unless told)."""
+    ``dtype`` (fp32 unless told); a query whose keys are all masked gets zero weights, as in torch's kernel."""
     scores = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-2, -1)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     if causal:
         n, m = scores.shape[-2:]
         scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return scores.softmax(dim=-1)
+    weights = scores.softmax(dim=-1)
+    if attn_mask is not None:
+        weights = weights.masked_fill(~attn_mask.any(dim=-1, keepdim=True), 0.0)
+    return weights
 
 
 class FeedForward(nn.Module):
