@@ -118,6 +118,10 @@ def test_cpu_attention_trains_in_bf16_through_explicit_attention(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         layers.scaled_dot_product_attention(q, k, v, mask)
     assert calls == [torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        causal = layers.scaled_dot_product_attention(q, k, v, causal=True)  # the text encoder's
+    assert calls == [torch.bfloat16]
+    torch.testing.assert_close(causal.float(), real(*base, is_causal=True), atol=0.03, rtol=0.02)
     long = [torch.randn(1, 1, layers.EXPLICIT_ATTENTION_TOKENS + 1, 8).bfloat16().requires_grad_() for _ in range(3)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layers.scaled_dot_product_attention(*long)
